@@ -1,0 +1,142 @@
+"""Specification of pyfast's MoE routing ops in plain torch.
+
+Every kernel in `pyfast.moe` is tested against these functions. They accept any floating dtype
+(float64 included), compute in at least float32, and get their gradients from torch autograd.
+
+Shapes: T tokens, E experts, k choices per token, d features, R rows of the grouped layout
+(`routing.num_rows`).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from .routing import Routing, num_rows
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def topk_gating(
+    logits: torch.Tensor,
+    k: int,
+    *,
+    score: str = "softmax",
+    temperature: Union[float, torch.Tensor] = 1.0,
+    renormalize: bool = True,
+    bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k gating: ``(weights (T, k) logits.dtype, experts (T, k) int32)``.
+
+    ``z = logits / temperature``; scores ``p = softmax(z)`` or ``sigmoid(z)``. The k experts with
+    the largest selection key are chosen, in descending key order, ties to the lowest expert index.
+    The key is ``z`` itself (softmax and sigmoid are monotone) or ``p + bias`` when a routing-only
+    ``bias (E,)`` is given; the bias never enters the weights. ``weights = p[experts]``, divided by
+    their sum when ``renormalize``.
+    """
+    z = logits.to(compute_dtype(logits.dtype)) / temperature
+    probs = torch.softmax(z, dim=-1) if score == "softmax" else torch.sigmoid(z)
+    key = z if bias is None else probs + bias.to(z.dtype)
+    experts = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+    weights = probs.gather(1, experts)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), experts.to(torch.int32)
+
+
+def route(
+    experts: torch.Tensor,
+    num_experts: int,
+    *,
+    capacity: Optional[int] = None,
+    align: Optional[int] = None,
+) -> Routing:
+    """Group the ``(T, k)`` assignments by expert (see `Routing` for the layout and priority)."""
+    tokens, k = experts.shape
+    device = experts.device
+    # Priority order p = j * T + t: every slot-0 choice, then every slot-1 choice, ...
+    by_priority = experts.t().reshape(-1).long()
+    order = torch.sort(by_priority, stable=True).indices
+    sorted_experts = by_priority[order]
+    counts_all = _histogram(by_priority, num_experts)
+    starts_all = torch.cumsum(counts_all, 0) - counts_all
+    position = torch.arange(order.numel(), device=device) - starts_all[sorted_experts]
+
+    counts = counts_all if capacity is None else counts_all.clamp(max=capacity)
+    kept = torch.ones_like(position, dtype=torch.bool) if capacity is None else position < capacity
+    segment = counts if align is None else (counts + align - 1) // align * align
+    offsets = torch.cat([segment.new_zeros(1), torch.cumsum(segment, 0)])
+
+    rows = torch.where(kept, offsets[sorted_experts] + position, -1)
+    assignment = (order % tokens) * k + order // tokens if tokens else order
+    row_of_assignment = torch.empty(tokens * k, dtype=torch.int64, device=device)
+    row_of_assignment[assignment] = rows
+    # Dropped assignments write -1 into an extra last slot that is cut off.
+    total = num_rows(tokens, k, num_experts, capacity, align)
+    assignment_of_row = torch.full((total + 1,), -1, dtype=torch.int64, device=device)
+    assignment_of_row[torch.where(kept, rows, total)] = torch.where(kept, assignment, -1)
+    return Routing(counts, offsets, row_of_assignment.view(tokens, k), assignment_of_row[:total])
+
+
+def _histogram(ids: torch.Tensor, bins: int) -> torch.Tensor:
+    """``(bins,) int64`` occurrences of each id (a static-shape bincount)."""
+    return torch.zeros(bins, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
+def gather_rows(x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``x_sorted (R, d)``: row r holds ``x[token_of_row[r]]``, zeros for padding rows."""
+    token = routing.token_of_row
+    rows = x[token.clamp(min=0)]
+    return torch.where((token >= 0)[:, None], rows, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def permute(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    num_experts: int,
+    *,
+    capacity: Optional[int] = None,
+    align: Optional[int] = None,
+) -> Tuple[torch.Tensor, Routing]:
+    """Tokens ``x (T, d)`` grouped by expert: ``(x_sorted (R, d), routing)``."""
+    routing = route(experts, num_experts, capacity=capacity, align=align)
+    return gather_rows(x, routing), routing
+
+
+def unpermute(y_sorted: torch.Tensor, weights: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Weighted combine back to token order: ``out[t] = sum_j weights[t, j] y_sorted[row[t, j]]``,
+    ``(T, d)`` in ``y_sorted.dtype``; dropped assignments contribute zero."""
+    acc = compute_dtype(y_sorted.dtype)
+    rows = routing.row_of_assignment
+    kept = rows >= 0
+    picked = y_sorted.to(acc)[rows.clamp(min=0)]
+    w = torch.where(kept, weights.to(acc), torch.zeros((), dtype=acc, device=weights.device))
+    return (picked * w[..., None]).sum(dim=1).to(y_sorted.dtype)
+
+
+def load_balancing_loss(router: torch.Tensor, experts: torch.Tensor, *, input: str = "logits") -> torch.Tensor:
+    """Switch / GShard balance loss ``E * sum_e f_e P_e``.
+
+    ``f_e``: fraction of the ``T * k`` assignments routed to expert e; ``P_e``: mean router
+    probability of expert e over tokens (softmax of ``router`` when ``input == "logits"``, ``router``
+    itself when ``input == "probs"``). Equals 1 under perfectly uniform routing; 0 when T = 0.
+    Gradient flows through ``P`` only.
+    """
+    tokens, num_experts = router.shape
+    r = router.to(compute_dtype(router.dtype))
+    if tokens == 0:
+        return r.sum()  # 0, still attached to the graph
+    probs = torch.softmax(r, dim=-1) if input == "logits" else r
+    fraction = _histogram(experts.reshape(-1).long(), num_experts).to(r.dtype) / experts.numel()
+    return num_experts * (fraction * probs.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_t logsumexp(logits_t)^2``; 0 when T = 0."""
+    z = torch.logsumexp(logits.to(compute_dtype(logits.dtype)), dim=-1)
+    if z.numel() == 0:
+        return z.sum()  # 0, still attached to the graph
+    return (z * z).mean()
