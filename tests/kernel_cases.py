@@ -59,3 +59,12 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     err = rel_error(out, ref)
     assert err <= TOLERANCE[dtype], f"{what}: relative error {err:.3e} > {TOLERANCE[dtype]:.0e} ({dtype})"
+
+
+def assert_as_accurate_as_reference(out: torch.Tensor, ref64: torch.Tensor, ref_low: torch.Tensor, dtype, what=""):
+    """For ill-conditioned results (sums with heavy cancellation) the DESIGN.md bound cannot hold
+    for any implementation in ``dtype``; then FlashAttention's rule applies: the kernel's error
+    against the float64 reference is at most twice that of the reference computed in ``dtype``."""
+    err, ref_err = rel_error(out, ref64), rel_error(ref_low, ref64)
+    bound = max(TOLERANCE[dtype], 2 * ref_err)
+    assert err <= bound, f"{what}: relative error {err:.3e} > {bound:.3e} (reference in {dtype}: {ref_err:.3e})"

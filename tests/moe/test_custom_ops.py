@@ -50,7 +50,9 @@ def test_opcheck(kernel, requires_grad):
 def _routing_step(logits, x, temperature):
     weights, experts = pyfast.moe.topk_gating(logits, 2, temperature=temperature)
     x_sorted, routing = pyfast.moe.permute(x, experts, logits.shape[1], capacity=40, align=8)
-    out = pyfast.moe.unpermute(torch.tanh(x_sorted), weights, routing)
+    # A row-dependent expert function, so the output depends on the gate weights.
+    expert_scale = torch.linspace(0.5, 1.5, x_sorted.shape[0], dtype=x.dtype, device=x.device)
+    out = pyfast.moe.unpermute(torch.tanh(x_sorted) * expert_scale[:, None], weights, routing)
     aux = pyfast.moe.load_balancing_loss(logits, experts) + pyfast.moe.router_z_loss(logits)
     return out, aux
 
@@ -67,9 +69,10 @@ def test_compile_fullgraph_routing_step(kernel, compiler):
         compiled = torch.compile(_routing_step, fullgraph=True, backend=compiler)
         out, aux = compiled(logits, x, temperature)
         grads = torch.autograd.grad(out.square().sum() + aux, (logits, x, temperature))
+    ref_inputs = [t.detach().cpu().double().requires_grad_() for t in (logits, x, temperature)]
     with pyfast.use_backend("reference"):
-        ref_out, ref_aux = _routing_step(logits, x, temperature)
-        ref_grads = torch.autograd.grad(ref_out.square().sum() + ref_aux, (logits, x, temperature))
+        ref_out, ref_aux = _routing_step(*ref_inputs)
+        ref_grads = torch.autograd.grad(ref_out.square().sum() + ref_aux, ref_inputs)
     assert_close(out, ref_out, torch.float32, "out")
     assert_close(aux, ref_aux, torch.float32, "aux")
     for g, r in zip(grads, ref_grads):

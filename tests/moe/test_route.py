@@ -77,3 +77,15 @@ def test_fuzz_cpu_route(T, E, k_frac, capacity, align, seed):
     with pyfast.use_backend("cpu"):
         got = pyfast.moe.route(experts, E, capacity=capacity, align=align)
     assert_routing_equal(got, reference.route(experts, E, capacity=capacity, align=align))
+
+
+def test_million_tokens_cpu():
+    """T = 2^20 tokens (the documented maximum) through route and permute on the CPU kernels."""
+    T, E, k = 2**20, 8, 2
+    experts = random_experts(T, E, k, skew=True)
+    x = torch.randn(T, 1)
+    with pyfast.use_backend("cpu"):
+        x_sorted, got = pyfast.moe.permute(x, experts, E, capacity=T // 4, align=128)
+    ref_sorted, ref = reference.permute(x, experts, E, capacity=T // 4, align=128)
+    assert_routing_equal(got, ref)
+    assert torch.equal(x_sorted, ref_sorted)

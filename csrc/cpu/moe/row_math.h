@@ -1,0 +1,47 @@
+// Per-row helpers shared by the MoE CPU kernels: load a row into the accumulation type and the
+// softmax statistics max / sum exp(z - max).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/half.h"
+
+namespace pyfast::cpu {
+
+constexpr int kMaxExperts = 512;
+constexpr int kMaxTopK = 16;
+
+// out = row / temperature, divided (not multiplied by 1 / temperature) to round as the reference.
+template <typename T>
+inline void load_row(const T* row, std::int64_t n, acc_t<T> temperature, acc_t<T>* out) {
+  for (std::int64_t i = 0; i < n; ++i) out[i] = to_acc(row[i]) / temperature;
+}
+
+template <typename A>
+inline A row_max(const A* z, std::int64_t n) {
+  A m = z[0];
+  for (std::int64_t i = 1; i < n; ++i) m = z[i] > m ? z[i] : m;
+  return m;
+}
+
+template <typename A>
+inline A sum_exp(const A* z, std::int64_t n, A shift) {
+  A s = 0;
+  for (std::int64_t i = 0; i < n; ++i) s += std::exp(z[i] - shift);
+  return s;
+}
+
+template <typename A>
+inline A sigmoid(A z) {
+  return A(1) / (A(1) + std::exp(-z));
+}
+
+template <typename T>
+inline bool row_finite(const T* row, std::int64_t n) {
+  bool finite = true;
+  for (std::int64_t i = 0; i < n; ++i) finite &= std::isfinite(to_acc(row[i]));
+  return finite;
+}
+
+}  // namespace pyfast::cpu
