@@ -70,7 +70,7 @@ void load_balancing_loss_bwd(acc_t<T> grad, const T* router, std::int64_t tokens
   // dL/dp_te = c_e = grad * E * f_e / T; through the softmax: p (c - <c, p>).
   std::vector<A> c = assignment_fraction<A>(choices, tokens * k, experts);
   for (A& v : c) v *= grad * A(experts) / A(tokens);
-  parallel_for(tokens, kChunk, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(tokens, row_grain(experts), [&](std::int64_t begin, std::int64_t end) {
     A p[kMaxExperts];
     for (std::int64_t t = begin; t < end; ++t) {
       T* out = grad_router + t * experts;
@@ -116,7 +116,7 @@ void router_z_loss_bwd(acc_t<T> grad, const T* logits, std::int64_t tokens, std:
                        std::int64_t stride, T* grad_logits) {
   using A = acc_t<T>;
   // d/dz_te mean_t lse_t^2 = 2 lse_t softmax(z_t)_e / T
-  parallel_for(tokens, kChunk, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(tokens, row_grain(experts), [&](std::int64_t begin, std::int64_t end) {
     A z[kMaxExperts];
     for (std::int64_t t = begin; t < end; ++t) {
       load_row(logits + t * stride, experts, A(1), z);

@@ -2,6 +2,7 @@
 // softmax statistics max / sum exp(z - max).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -11,6 +12,9 @@ namespace pyfast::cpu {
 
 constexpr int kMaxExperts = 512;
 constexpr int kMaxTopK = 16;
+
+// Rows per thread for per-row kernels over (tokens, experts): ~32K elements amortize a fork.
+inline std::int64_t row_grain(std::int64_t experts) { return std::max<std::int64_t>(1, 32768 / std::max<std::int64_t>(experts, 1)); }
 
 // out = row / temperature, divided (not multiplied by 1 / temperature) to round as the reference.
 template <typename T>

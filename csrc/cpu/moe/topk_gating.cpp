@@ -30,7 +30,7 @@ std::int64_t topk_gating_fwd(const T* logits, std::int64_t tokens, std::int64_t 
                              T* weights, std::int32_t* choices, bool check) {
   using A = acc_t<T>;
   std::int64_t nonfinite = 0;
-  parallel_for(tokens, 256, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(tokens, row_grain(experts), [&](std::int64_t begin, std::int64_t end) {
     A z[kMaxExperts], p[kMaxExperts], best_key[kMaxTopK], w[kMaxTopK];
     int best[kMaxTopK];
     std::int64_t bad = 0;
@@ -80,7 +80,7 @@ void topk_gating_bwd(const acc_t<T>* grad, const T* logits, std::int64_t tokens,
                      std::int64_t stride, const std::int32_t* choices, int k, bool softmax, acc_t<T> temperature,
                      bool renormalize, T* grad_logits) {
   using A = acc_t<T>;
-  parallel_for(tokens, 256, [&](std::int64_t begin, std::int64_t end) {
+  parallel_for(tokens, row_grain(experts), [&](std::int64_t begin, std::int64_t end) {
     A z[kMaxExperts], dz[kMaxExperts], w[kMaxTopK];
     for (std::int64_t t = begin; t < end; ++t) {
       const A* g = grad + t * k;
