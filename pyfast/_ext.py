@@ -5,7 +5,6 @@ hold the reason when None. Triton is looked up lazily (importing it costs ~1 s).
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -42,9 +41,18 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_triton_status: Optional[Tuple[bool, Optional[str]]] = None
+
+
 def triton_status() -> Tuple[bool, Optional[str]]:
     """(usable, reason when not): Triton imports and can launch (a CUDA device or the interpreter)."""
+    global _triton_status
+    if _triton_status is None:
+        _triton_status = _probe_triton()
+    return _triton_status
+
+
+def _probe_triton() -> Tuple[bool, Optional[str]]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed (pip install 'pyfast-kernels[triton]')"
     try:

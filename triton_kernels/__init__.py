@@ -1,0 +1,1 @@
+"""Triton GPU kernels of pyfast, installed as ``pyfast.triton_kernels`` (use relative imports only)."""
