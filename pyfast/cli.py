@@ -116,19 +116,25 @@ def cmd_bench(args) -> int:
 
 
 def cmd_check(args) -> int:
-    tests = _source_dir("tests", args.tests_dir)
+    tests = _source_dir("tests", args.tests_dir).resolve()
+
+    def pytest(*extra: str, env=None) -> int:
+        # Run from inside tests/: `python -m` puts the working directory on sys.path, and a
+        # checkout's root would shadow the installed package (and its compiled modules).
+        return subprocess.call([sys.executable, "-m", "pytest", str(tests), *extra], cwd=tests, env=env)
+
     if args.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("pyfast check --gpu: no CUDA device is available")
-        return subprocess.call([sys.executable, "-m", "pytest", str(tests), "-m", "gpu or triton"])
-    code = subprocess.call([sys.executable, "-m", "pytest", str(tests)])
+        return pytest("-m", "gpu or triton")
+    code = pytest()
     triton_installed = _triton_version()[0].isdigit()
     if not triton_installed:
         console.print("[yellow]triton is not installed: skipping the Triton-interpreter suite[/yellow]")
         return code
     # The interpreter must be chosen before any Triton kernel is defined: a fresh process.
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    interpreted = subprocess.call([sys.executable, "-m", "pytest", str(tests), "-m", "triton"], env=env)
+    interpreted = pytest("-m", "triton", env=env)
     return code or interpreted
 
 
