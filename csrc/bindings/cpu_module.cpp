@@ -70,28 +70,4 @@ PYBIND11_MODULE(_C, m) {
                                         at<const std::int64_t>(row_of_assignment), tokens, k,
                                         at<void>(grad_weights));
         });
-  m.def("moe_load_balancing_loss_fwd",
-        [](int dtype, Address router, std::int64_t tokens, std::int64_t experts, std::int64_t stride, Address choices,
-           int k, bool from_logits, Address loss) {
-          py::gil_scoped_release release;
-          cpu::moe_load_balancing_loss_fwd(dtype, at<const void>(router), tokens, experts, stride,
-                                           at<const std::int32_t>(choices), k, from_logits, at<void>(loss));
-        });
-  m.def("moe_load_balancing_loss_bwd",
-        [](int dtype, double grad, Address router, std::int64_t tokens, std::int64_t experts, std::int64_t stride,
-           Address choices, int k, bool from_logits, Address grad_router) {
-          py::gil_scoped_release release;
-          cpu::moe_load_balancing_loss_bwd(dtype, grad, at<const void>(router), tokens, experts, stride,
-                                           at<const std::int32_t>(choices), k, from_logits, at<void>(grad_router));
-        });
-  m.def("moe_router_z_loss_fwd", [](int dtype, Address logits, std::int64_t tokens, std::int64_t experts,
-                                    std::int64_t stride, Address loss) {
-    py::gil_scoped_release release;
-    cpu::moe_router_z_loss_fwd(dtype, at<const void>(logits), tokens, experts, stride, at<void>(loss));
-  });
-  m.def("moe_router_z_loss_bwd", [](int dtype, double grad, Address logits, std::int64_t tokens, std::int64_t experts,
-                                    std::int64_t stride, Address grad_logits) {
-    py::gil_scoped_release release;
-    cpu::moe_router_z_loss_bwd(dtype, grad, at<const void>(logits), tokens, experts, stride, at<void>(grad_logits));
-  });
 }

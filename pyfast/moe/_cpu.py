@@ -1,6 +1,7 @@
 """The CPU backend of pyfast.moe: torch glue over the C++ kernels in ``pyfast._C`` (csrc/cpu/moe).
 
-Implements the kernel-backend contract that `ops.py` dispatches to: each function allocates the
+Implements the kernel-backend contract that `ops.py` dispatches to, except the aux losses (on the
+CPU torch's vectorized softmax beat a C++ kernel, so they run the reference). Each function allocates the
 outputs and passes addresses, sizes, row strides and dtype tags. Inputs arrive validated, with a
 unit stride along the last axis and contiguous index tensors (see ops.py).
 """
@@ -99,38 +100,3 @@ def combine_weights_grad(grad_out: Tensor, y: Tensor, row_of_assignment: Tensor)
         row_of_assignment.data_ptr(), tokens, k, grad_weights.data_ptr(),
     )
     return grad_weights
-
-
-def load_balancing_loss_fwd(router: Tensor, experts: Tensor, from_logits: bool) -> Tensor:
-    loss = _alloc.empty((), compute_dtype(router.dtype), router.device)
-    _ext.cpu.moe_load_balancing_loss_fwd(
-        _TAG[router.dtype], router.data_ptr(), router.shape[0], router.shape[1], _row_stride(router),
-        experts.data_ptr(), experts.shape[1], from_logits, loss.data_ptr(),
-    )
-    return loss
-
-
-def load_balancing_loss_bwd(grad: Tensor, router: Tensor, experts: Tensor, from_logits: bool) -> Tensor:
-    grad_router = _alloc.empty(router.shape, router.dtype, router.device)
-    _ext.cpu.moe_load_balancing_loss_bwd(
-        _TAG[router.dtype], float(grad), router.data_ptr(), router.shape[0], router.shape[1], _row_stride(router),
-        experts.data_ptr(), experts.shape[1], from_logits, grad_router.data_ptr(),
-    )
-    return grad_router
-
-
-def router_z_loss_fwd(logits: Tensor) -> Tensor:
-    loss = _alloc.empty((), compute_dtype(logits.dtype), logits.device)
-    _ext.cpu.moe_router_z_loss_fwd(
-        _TAG[logits.dtype], logits.data_ptr(), logits.shape[0], logits.shape[1], _row_stride(logits), loss.data_ptr()
-    )
-    return loss
-
-
-def router_z_loss_bwd(grad: Tensor, logits: Tensor) -> Tensor:
-    grad_logits = _alloc.empty(logits.shape, logits.dtype, logits.device)
-    _ext.cpu.moe_router_z_loss_bwd(
-        _TAG[logits.dtype], float(grad), logits.data_ptr(), logits.shape[0], logits.shape[1], _row_stride(logits),
-        grad_logits.data_ptr(),
-    )
-    return grad_logits

@@ -3,9 +3,16 @@ import pytest
 import torch
 
 import pyfast
-from kernel_cases import assert_close
+from kernel_cases import KERNEL_PARAMS, assert_close, make_case
 from moe_inputs import random_experts
 from pyfast.moe import reference
+
+
+@pytest.fixture(params=[p for p in KERNEL_PARAMS if p.id != "cpu"])
+def kernel(request):
+    """The losses have no CPU kernel (torch's vectorized softmax wins there): GPU backends only."""
+    return make_case(request.param)
+
 
 SHAPES = [(0, 8, 2), (1, 1, 1), (7, 60, 5), (4099, 8, 2), (1031, 257, 16)]
 SMALL_SHAPES = [s for s in SHAPES if s[0] * s[1] < 20000]

@@ -35,18 +35,4 @@ void moe_combine_weights_grad(int dtype, const void* grad_out, std::int64_t grad
                               std::int64_t y_stride, std::int64_t d, const std::int64_t* row_of_assignment,
                               std::int64_t tokens, int k, void* grad_weights_acc);
 
-void moe_load_balancing_loss_fwd(int dtype, const void* router, std::int64_t tokens, std::int64_t experts,
-                                 std::int64_t stride, const std::int32_t* choices, int k, bool from_logits,
-                                 void* loss_acc);
-
-void moe_load_balancing_loss_bwd(int dtype, double grad, const void* router, std::int64_t tokens,
-                                 std::int64_t experts, std::int64_t stride, const std::int32_t* choices, int k,
-                                 bool from_logits, void* grad_router);
-
-void moe_router_z_loss_fwd(int dtype, const void* logits, std::int64_t tokens, std::int64_t experts,
-                           std::int64_t stride, void* loss_acc);
-
-void moe_router_z_loss_bwd(int dtype, double grad, const void* logits, std::int64_t tokens, std::int64_t experts,
-                           std::int64_t stride, void* grad_logits);
-
 }  // namespace pyfast::cpu

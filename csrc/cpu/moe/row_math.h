@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common/half.h"
+#include "common/vec_math.h"
 
 namespace pyfast::cpu {
 
@@ -15,6 +16,11 @@ constexpr int kMaxTopK = 16;
 
 // Rows per thread for per-row kernels over (tokens, experts): ~32K elements amortize a fork.
 inline std::int64_t row_grain(std::int64_t experts) { return std::max<std::int64_t>(1, 32768 / std::max<std::int64_t>(experts, 1)); }
+
+template <typename T>
+inline void load_row(const T* row, std::int64_t n, acc_t<T>* out) {
+  for (std::int64_t i = 0; i < n; ++i) out[i] = to_acc(row[i]);
+}
 
 // out = row / temperature, divided (not multiplied by 1 / temperature) to round as the reference.
 template <typename T>
@@ -32,13 +38,14 @@ inline A row_max(const A* z, std::int64_t n) {
 template <typename A>
 inline A sum_exp(const A* z, std::int64_t n, A shift) {
   A s = 0;
-  for (std::int64_t i = 0; i < n; ++i) s += std::exp(z[i] - shift);
+#pragma omp simd reduction(+ : s)
+  for (std::int64_t i = 0; i < n; ++i) s += exp_vec(z[i] - shift);
   return s;
 }
 
 template <typename A>
 inline A sigmoid(A z) {
-  return A(1) / (A(1) + std::exp(-z));
+  return A(1) / (A(1) + exp_vec(-z));
 }
 
 template <typename T>

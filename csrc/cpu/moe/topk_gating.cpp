@@ -50,7 +50,7 @@ std::int64_t topk_gating_fwd(const T* logits, std::int64_t tokens, std::int64_t 
       const bool all_scores = bias != nullptr;
       const A total = softmax && (all_scores || !renormalize) ? sum_exp(z, experts, shift) : A(1);
       if (all_scores) {
-        for (std::int64_t e = 0; e < experts; ++e) p[e] = softmax ? std::exp(z[e] - shift) / total : sigmoid(z[e]);
+        for (std::int64_t e = 0; e < experts; ++e) p[e] = softmax ? exp_vec(z[e] - shift) / total : sigmoid(z[e]);
       }
       int size = 0;
       for (std::int64_t e = 0; e < experts; ++e) {
@@ -59,7 +59,7 @@ std::int64_t topk_gating_fwd(const T* logits, std::int64_t tokens, std::int64_t 
       A picked = 0;
       for (int j = 0; j < k; ++j) {
         const A zj = z[best[j]];
-        w[j] = all_scores ? p[best[j]] : softmax ? std::exp(zj - shift) / total : sigmoid(zj);
+        w[j] = all_scores ? p[best[j]] : softmax ? exp_vec(zj - shift) / total : sigmoid(zj);
         picked += w[j];
       }
       for (int j = 0; j < k; ++j) {
@@ -91,15 +91,15 @@ void topk_gating_bwd(const acc_t<T>* grad, const T* logits, std::int64_t tokens,
         const A shift = row_max(z, experts);
         if (renormalize) {  // w = softmax over the selected z: dz_sel = w (g - <g, w>)
           A total = 0, dot = 0;
-          for (int j = 0; j < k; ++j) total += (w[j] = std::exp(z[sel[j]] - shift));
+          for (int j = 0; j < k; ++j) total += (w[j] = exp_vec(z[sel[j]] - shift));
           for (int j = 0; j < k; ++j) dot += g[j] * (w[j] /= total);
           for (int j = 0; j < k; ++j) dz[sel[j]] = w[j] * (g[j] - dot);
         } else {  // w_j = p_{e_j}: dz_i = p_i ([i selected] g_i - <g, w>)
           const A total = sum_exp(z, experts, shift);
           A dot = 0;
-          for (int j = 0; j < k; ++j) dot += g[j] * std::exp(z[sel[j]] - shift) / total;
-          for (std::int64_t e = 0; e < experts; ++e) dz[e] = -std::exp(z[e] - shift) / total * dot;
-          for (int j = 0; j < k; ++j) dz[sel[j]] += std::exp(z[sel[j]] - shift) / total * g[j];
+          for (int j = 0; j < k; ++j) dot += g[j] * exp_vec(z[sel[j]] - shift) / total;
+          for (std::int64_t e = 0; e < experts; ++e) dz[e] = -exp_vec(z[e] - shift) / total * dot;
+          for (int j = 0; j < k; ++j) dz[sel[j]] += exp_vec(z[sel[j]] - shift) / total * g[j];
         }
       } else {
         A total = 0, dot = 0;
@@ -109,7 +109,7 @@ void topk_gating_bwd(const acc_t<T>* grad, const T* logits, std::int64_t tokens,
         }
         for (int j = 0; j < k; ++j) {
           const A dp = renormalize ? (g[j] - dot) / total : g[j];
-          dz[sel[j]] = dp * w[j] * (A(1) - w[j]);
+          dz[sel[j]] = dp * w[j] * sigmoid(-z[sel[j]]);  // p (1 - p) without cancellation near p = 1
         }
       }
       T* out = grad_logits + t * experts;
