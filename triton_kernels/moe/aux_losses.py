@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _alloc
+
 from ._utils import REDUCE_PROGRAMS, TILE_ELEMENTS, compute_dtype, num_warps, pow2_block, rows_block
 
 
@@ -209,7 +211,7 @@ def load_balancing_loss_bwd(
 ) -> torch.Tensor:
     acc = compute_dtype(router.dtype)
     T, E = router.shape
-    drouter = torch.empty((T, E), dtype=router.dtype, device=router.device)
+    drouter = _alloc.empty((T, E), router.dtype, router.device)
     if T == 0:
         return drouter
     _, counts = _expert_stats(router, experts, from_logits, with_probs=False)
@@ -247,7 +249,7 @@ def router_z_loss_fwd(logits: torch.Tensor) -> torch.Tensor:
 def router_z_loss_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     acc = compute_dtype(logits.dtype)
     T, E = logits.shape
-    dlogits = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
+    dlogits = _alloc.empty((T, E), logits.dtype, logits.device)
     if T == 0:
         return dlogits
     scale = (grad.to(acc) * 2 / T).reshape(())

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _alloc
+
 from ._utils import MIN_PROGRAMS, TILE_ELEMENTS, num_warps, pow2_block
 
 
@@ -122,7 +124,7 @@ def route(
     T, k = experts.shape
     E = num_experts
     device = experts.device
-    row_of_assignment = torch.empty((T, k), dtype=torch.int64, device=device)
+    row_of_assignment = _alloc.empty((T, k), torch.int64, device)
     assignment_of_row = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
     if T == 0:
         counts = torch.zeros(E, dtype=torch.int64, device=device)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _alloc
+
 from ._utils import TILE_ELEMENTS, compute_dtype, num_warps, pow2_block, rows_block
 
 
@@ -140,7 +142,7 @@ def gather_rows(
     compute_dtype(x.dtype)
     d = x.shape[1]
     R = assignment_of_row.shape[0]
-    out = torch.empty((R, d), dtype=x.dtype, device=x.device)
+    out = _alloc.empty((R, d), x.dtype, x.device)
     if R == 0 or d == 0:
         return out
     block_r, block_d, warps = _copy_blocks(R, d)
@@ -167,7 +169,7 @@ def combine_rows(y: torch.Tensor, row_of_assignment: torch.Tensor, weights: Opti
     compute_dtype(y.dtype)
     d = y.shape[1]
     T, k = row_of_assignment.shape
-    out = torch.empty((T, d), dtype=y.dtype, device=y.device)
+    out = _alloc.empty((T, d), y.dtype, y.device)
     if T == 0 or d == 0:
         return out
     block_t, block_d, warps = _copy_blocks(T, d)
@@ -196,7 +198,7 @@ def combine_weights_grad(grad_out: torch.Tensor, y: torch.Tensor, row_of_assignm
     d = y.shape[1]
     if T == 0 or d == 0:
         return torch.zeros((T, k), dtype=acc_dtype, device=y.device)
-    dw = torch.empty((T, k), dtype=acc_dtype, device=y.device)
+    dw = _alloc.empty((T, k), acc_dtype, y.device)
     block_d = pow2_block(d, lo=16, hi=512)
     block_t = rows_block(T, max(2, (TILE_ELEMENTS // 2) // block_d))
     _combine_weights_grad_kernel[(triton.cdiv(T, block_t),)](

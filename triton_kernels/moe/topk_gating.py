@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import _alloc
+
 from ._utils import TILE_ELEMENTS, compute_dtype, num_warps, pow2_block, rows_block
 
 
@@ -178,8 +180,8 @@ def topk_gating_fwd(
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     compute_dtype(logits.dtype)
     T, E = logits.shape
-    weights = torch.empty((T, k), dtype=logits.dtype, device=logits.device)
-    experts = torch.empty((T, k), dtype=torch.int32, device=logits.device)
+    weights = _alloc.empty((T, k), logits.dtype, logits.device)
+    experts = _alloc.empty((T, k), torch.int32, logits.device)
     if T == 0:
         return weights, experts, 0
     block_t, block_e, warps = _blocks(T, E)
@@ -221,7 +223,7 @@ def topk_gating_bwd(
     compute_dtype(logits.dtype)
     T, E = logits.shape
     k = experts.shape[1]
-    dlogits = torch.empty((T, E), dtype=logits.dtype, device=logits.device)
+    dlogits = _alloc.empty((T, E), logits.dtype, logits.device)
     if T == 0:
         return dlogits
     block_t, block_e, warps = _blocks(T, E)
