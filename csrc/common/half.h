@@ -22,39 +22,46 @@ inline float bits_float(std::uint32_t u) {
   return f;
 }
 
+// The conversions are branch-free (selects only), so loops over rows of 16-bit data vectorize.
+// Half <-> float follows the FP16 library's IEEE algorithms (the ones c10::Half uses without F16C):
+// exact for every input, round to nearest even, NaN stays NaN.
 inline float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  const std::uint32_t exponent = (h >> 10) & 0x1fu;
-  const std::uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
-    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
-    return bits_float(sign | float_bits(magnitude));
-  }
-  if (exponent == 31) return bits_float(sign | 0x7f800000u | (mantissa << 13));
-  return bits_float(sign | ((exponent + 112) << 23) | (mantissa << 13));
+  const std::uint32_t w = static_cast<std::uint32_t>(h) << 16;
+  const std::uint32_t sign = w & 0x80000000u;
+  const std::uint32_t two_w = w + w;  // exponent and mantissa at the top, sign shifted out
+  // Normal / inf / nan: rebias the exponent by 0xE0 (so 0x1F -> 0xFF), then scale by 2^-112.
+  const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * bits_float(15u << 23);
+  // Zero / subnormal: mantissa * 2^-24 built as (0.5 + mantissa * 2^-24) - 0.5, exact.
+  const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const std::uint32_t small = 0u - static_cast<std::uint32_t>(two_w < (1u << 27));  // masked select
+  return bits_float(sign | (float_bits(denormalized) & small) | (float_bits(normalized) & ~small));
 }
 
 inline std::uint16_t float_to_half(float f) {
-  std::uint32_t x = float_bits(f);
-  const std::uint16_t sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
-  x &= 0x7fffffffu;
-  if (x >= 0x7f800000u) return sign | 0x7c00u | (x > 0x7f800000u ? 0x200u : 0u);  // inf, nan
-  if (x >= 0x477ff000u) return sign | 0x7c00u;                                    // rounds past 65504
-  if (x < 0x38800000u) {  // below 2^-14: a half subnormal, round(|f| * 2^24) (exact scaling, RNE)
-    return sign | static_cast<std::uint16_t>(std::nearbyint(bits_float(x) * 16777216.0f));
-  }
-  // Normal: rebias the exponent by (15 - 127) and round the 13 dropped bits to nearest even.
-  x += 0xc8000fffu + ((x >> 13) & 1u);
-  return sign | static_cast<std::uint16_t>(x >> 13);
+  // Scale up then down so that the float addition below rounds the mantissa to the half grid
+  // (to nearest even) and overflow becomes inf.
+  float base = (std::fabs(f) * bits_float(239u << 23)) * bits_float(17u << 23);  // * 2^112 * 2^-110
+  const std::uint32_t w = float_bits(f);
+  const std::uint32_t shl1_w = w + w;
+  const std::uint32_t sign = w & 0x80000000u;
+  std::uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;  // half subnormals share the smallest normal grid
+  base = bits_float((bias >> 1) + 0x07800000u) + base;
+  const std::uint32_t bits = float_bits(base);
+  const std::uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  // NaN -> 0x7E00, selected with a mask (a ?: here becomes a branch that blocks vectorization).
+  const std::uint32_t nan = 0u - static_cast<std::uint32_t>(shl1_w > 0xFF000000u);
+  return static_cast<std::uint16_t>((sign >> 16) | (0x7E00u & nan) | (nonsign & ~nan));
 }
 
 inline float bfloat16_to_float(std::uint16_t b) { return bits_float(static_cast<std::uint32_t>(b) << 16); }
 
+// Round to nearest even on the upper 16 bits; NaN becomes the quiet NaN 0x7FC0 (as c10::BFloat16).
 inline std::uint16_t float_to_bfloat16(float f) {
-  std::uint32_t x = float_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40u);  // quiet nan
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<std::uint16_t>(x >> 16);
+  const std::uint32_t x = float_bits(f);
+  const std::uint32_t rounded = (x + 0x7FFFu + ((x >> 16) & 1u)) >> 16;
+  const std::uint32_t nan = (x & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<std::uint16_t>(nan ? 0x7FC0u : rounded);
 }
 
 template <typename T>

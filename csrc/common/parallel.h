@@ -7,6 +7,10 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+// An OpenMP pragma that disappears (without -Wunknown-pragmas noise) when built without OpenMP.
+#define PYFAST_OMP(directive) _Pragma(#directive)
+#else
+#define PYFAST_OMP(directive)
 #endif
 
 namespace pyfast {
@@ -29,7 +33,7 @@ void parallel_for(std::int64_t n, std::int64_t grain, F&& f) {
     return;
   }
   const std::int64_t step = (n + pieces - 1) / pieces;
-#pragma omp parallel for schedule(static) num_threads(static_cast<int>(pieces))
+PYFAST_OMP(omp parallel for schedule(static) num_threads(static_cast<int>(pieces)))
   for (std::int64_t p = 0; p < pieces; ++p) {
     const std::int64_t begin = p * step;
     const std::int64_t end = std::min(n, begin + step);
@@ -41,7 +45,7 @@ void parallel_for(std::int64_t n, std::int64_t grain, F&& f) {
 template <typename F>
 void parallel_chunks(std::int64_t n, std::int64_t chunk_size, F&& f) {
   const std::int64_t chunks = (n + chunk_size - 1) / chunk_size;
-#pragma omp parallel for schedule(static) if (chunks > 1)
+PYFAST_OMP(omp parallel for schedule(static) if (chunks > 1))
   for (std::int64_t c = 0; c < chunks; ++c) {
     f(c, c * chunk_size, std::min(n, (c + 1) * chunk_size));
   }

@@ -5,14 +5,28 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "common/half.h"
+#include "common/parallel.h"
 #include "common/vec_math.h"
 
 namespace pyfast::cpu {
 
 constexpr int kMaxExperts = 512;
 constexpr int kMaxTopK = 16;
+
+// The per-row scratch arrays bound the sizes. ops.py guarantees them; the kernels check before any
+// thread starts (pybind11 turns the exception into a Python ValueError). k = 0: no top-k involved.
+inline void check_row_sizes(const char* what, std::int64_t experts, int k = 0) {
+  const bool bad_k = k != 0 && (k < 1 || k > kMaxTopK || k > experts);
+  if (experts < 1 || experts > kMaxExperts || bad_k) {
+    throw std::invalid_argument(std::string(what) + ": needs 1 <= experts <= " + std::to_string(kMaxExperts) +
+                                (k ? " and 1 <= k <= min(experts, " + std::to_string(kMaxTopK) + ")" : std::string()) +
+                                ", got experts=" + std::to_string(experts) + (k ? ", k=" + std::to_string(k) : ""));
+  }
+}
 
 // Rows per thread for per-row kernels over (tokens, experts): ~32K elements amortize a fork.
 inline std::int64_t row_grain(std::int64_t experts) { return std::max<std::int64_t>(1, 32768 / std::max<std::int64_t>(experts, 1)); }
@@ -38,7 +52,7 @@ inline A row_max(const A* z, std::int64_t n) {
 template <typename A>
 inline A sum_exp(const A* z, std::int64_t n, A shift) {
   A s = 0;
-#pragma omp simd reduction(+ : s)
+PYFAST_OMP(omp simd reduction(+ : s))
   for (std::int64_t i = 0; i < n; ++i) s += exp_vec(z[i] - shift);
   return s;
 }

@@ -5,9 +5,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/half.h"
+#include "common/memory.h"
 #include "common/parallel.h"
 #include "cpu/moe/moe.h"
-#include "common/half.h"
 
 namespace pyfast::cpu {
 namespace {
@@ -16,19 +17,39 @@ namespace {
 constexpr std::int64_t kRowGrain = 64;
 // Combine accumulates a tile of the row in the accumulation type, sized to stay in L1.
 constexpr std::int64_t kTile = 1024;
+// Dot products keep this many independent partial sums (vector lanes), added in a fixed order.
+constexpr int kLanes = 16;
+
+// sum_i a[i] * b[i] in the accumulation type; the lane split makes the loop vectorize while
+// the summation order stays fixed (deterministic, independent of threads).
+template <typename T>
+inline acc_t<T> dot(const T* __restrict a, const T* __restrict b, std::int64_t n) {
+  using A = acc_t<T>;
+  A lanes[kLanes] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] += to_acc(a[i + l]) * to_acc(b[i + l]);
+  }
+  for (int l = 0; i < n; ++i, ++l) lanes[l] += to_acc(a[i]) * to_acc(b[i]);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  }
+  return lanes[0];
+}
 
 template <typename T>
 void gather_rows(const T* x, std::int64_t d, std::int64_t stride, const std::int64_t* assignment_of_row,
                  std::int64_t rows, int k, const acc_t<T>* scale, T* out) {
+  advise_huge_pages(out, static_cast<std::size_t>(rows * d) * sizeof(T));
   parallel_for(rows, kRowGrain, [&](std::int64_t begin, std::int64_t end) {
     for (std::int64_t r = begin; r < end; ++r) {
-      T* dst = out + r * d;
+      T* __restrict dst = out + r * d;
       const std::int64_t a = assignment_of_row[r];
       if (a < 0) {
         std::memset(static_cast<void*>(dst), 0, sizeof(T) * d);
         continue;
       }
-      const T* src = x + (a / k) * stride;
+      const T* __restrict src = x + (a / k) * stride;
       if (scale == nullptr) {
         std::memcpy(static_cast<void*>(dst), src, sizeof(T) * d);
         continue;
@@ -43,6 +64,7 @@ template <typename T>
 void combine_rows(const T* y, std::int64_t d, std::int64_t stride, const std::int64_t* row_of_assignment,
                   std::int64_t tokens, int k, const acc_t<T>* weights, T* out) {
   using A = acc_t<T>;
+  advise_huge_pages(out, static_cast<std::size_t>(tokens * d) * sizeof(T));
   parallel_for(tokens, kRowGrain, [&](std::int64_t begin, std::int64_t end) {
     A acc[kTile];
     for (std::int64_t t = begin; t < end; ++t) {
@@ -73,12 +95,7 @@ void combine_weights_grad(const T* grad_out, std::int64_t grad_stride, const T* 
       const T* __restrict g = grad_out + t * grad_stride;
       for (int j = 0; j < k; ++j) {
         const std::int64_t row = row_of_assignment[t * k + j];
-        A dot = 0;
-        if (row >= 0) {
-          const T* __restrict src = y + row * y_stride;
-          for (std::int64_t i = 0; i < d; ++i) dot += to_acc(g[i]) * to_acc(src[i]);
-        }
-        grad_weights[t * k + j] = dot;
+        grad_weights[t * k + j] = row >= 0 ? dot(g, y + row * y_stride, d) : A(0);
       }
     }
   });

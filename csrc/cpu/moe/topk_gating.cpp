@@ -68,7 +68,7 @@ std::int64_t topk_gating_fwd(const T* logits, std::int64_t tokens, std::int64_t 
       }
     }
     if (bad) {
-#pragma omp atomic
+PYFAST_OMP(omp atomic)
       nonfinite += bad;
     }
   });
@@ -85,31 +85,34 @@ void topk_gating_bwd(const acc_t<T>* grad, const T* logits, std::int64_t tokens,
     for (std::int64_t t = begin; t < end; ++t) {
       const A* g = grad + t * k;
       const std::int32_t* sel = choices + t * k;
-      load_row(logits + t * stride, experts, temperature, z);
+      const T* row = logits + t * stride;
       std::fill(dz, dz + experts, A(0));
-      if (softmax) {
+      if (softmax && !renormalize) {  // w_j = p_{e_j}: dz_i = p_i ([i selected] g_i - <g, w>)
+        load_row(row, experts, temperature, z);
         const A shift = row_max(z, experts);
-        if (renormalize) {  // w = softmax over the selected z: dz_sel = w (g - <g, w>)
+        const A total = sum_exp(z, experts, shift);
+        A dot = 0;
+        for (int j = 0; j < k; ++j) dot += g[j] * (exp_vec(z[sel[j]] - shift) / total);
+        for (std::int64_t e = 0; e < experts; ++e) dz[e] = -(exp_vec(z[e] - shift) / total) * dot;
+        for (int j = 0; j < k; ++j) dz[sel[j]] += exp_vec(z[sel[j]] - shift) / total * g[j];
+      } else {  // only the selected logits matter
+        for (int j = 0; j < k; ++j) z[j] = to_acc(row[sel[j]]) / temperature;
+        if (softmax) {  // w = softmax over the selected z: dz_sel = w (g - <g, w>)
+          const A shift = row_max(z, k);
           A total = 0, dot = 0;
-          for (int j = 0; j < k; ++j) total += (w[j] = exp_vec(z[sel[j]] - shift));
+          for (int j = 0; j < k; ++j) total += (w[j] = exp_vec(z[j] - shift));
           for (int j = 0; j < k; ++j) dot += g[j] * (w[j] /= total);
           for (int j = 0; j < k; ++j) dz[sel[j]] = w[j] * (g[j] - dot);
-        } else {  // w_j = p_{e_j}: dz_i = p_i ([i selected] g_i - <g, w>)
-          const A total = sum_exp(z, experts, shift);
-          A dot = 0;
-          for (int j = 0; j < k; ++j) dot += g[j] * exp_vec(z[sel[j]] - shift) / total;
-          for (std::int64_t e = 0; e < experts; ++e) dz[e] = -exp_vec(z[e] - shift) / total * dot;
-          for (int j = 0; j < k; ++j) dz[sel[j]] += exp_vec(z[sel[j]] - shift) / total * g[j];
-        }
-      } else {
-        A total = 0, dot = 0;
-        for (int j = 0; j < k; ++j) total += (w[j] = sigmoid(z[sel[j]]));
-        if (renormalize) {  // w = p / S: dp_j = (g_j - <g, w>) / S
-          for (int j = 0; j < k; ++j) dot += g[j] * w[j] / total;
-        }
-        for (int j = 0; j < k; ++j) {
-          const A dp = renormalize ? (g[j] - dot) / total : g[j];
-          dz[sel[j]] = dp * w[j] * sigmoid(-z[sel[j]]);  // p (1 - p) without cancellation near p = 1
+        } else {
+          A total = 0, dot = 0;
+          for (int j = 0; j < k; ++j) total += (w[j] = sigmoid(z[j]));
+          if (renormalize) {  // w = p / S: dp_j = (g_j - <g, p / S>) / S
+            for (int j = 0; j < k; ++j) dot += g[j] * w[j] / total;
+          }
+          for (int j = 0; j < k; ++j) {
+            const A dp = renormalize ? (g[j] - dot) / total : g[j];
+            dz[sel[j]] = dp * w[j] * sigmoid(-z[j]);  // p (1 - p) without cancellation near p = 1
+          }
         }
       }
       T* out = grad_logits + t * experts;
@@ -124,6 +127,7 @@ std::int64_t moe_topk_gating_fwd(int dtype, const void* logits, std::int64_t tok
                                  std::int64_t stride, int k, bool softmax, const void* temperature_acc,
                                  bool renormalize, const void* bias_acc, void* weights, std::int32_t* choices,
                                  bool check) {
+  check_row_sizes("moe_topk_gating_fwd", experts, k);
   return dispatch_float(dtype, "moe_topk_gating_fwd", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
@@ -136,6 +140,7 @@ std::int64_t moe_topk_gating_fwd(int dtype, const void* logits, std::int64_t tok
 void moe_topk_gating_bwd(int dtype, const void* grad_weights_acc, const void* logits, std::int64_t tokens,
                          std::int64_t experts, std::int64_t stride, const std::int32_t* choices, int k, bool softmax,
                          const void* temperature_acc, bool renormalize, void* grad_logits) {
+  check_row_sizes("moe_topk_gating_bwd", experts, k);
   dispatch_float(dtype, "moe_topk_gating_bwd", [&](auto tag) {
     using T = typename decltype(tag)::type;
     using A = acc_t<T>;
