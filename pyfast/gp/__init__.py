@@ -1,0 +1,11 @@
+"""Kronecker-structured Gaussian processes on grids.
+
+    Kv = pyfast.gp.kron_mv([K1, K2, K3], v)                  # (n1 n2 n3[, B])
+    grid = pyfast.gp.KroneckerGrid([K1, K2, K3], noise=1e-2)
+    alpha, logdet = grid.solve(y), grid.logdet()
+    mll = grid.marginal_log_likelihood(y)                       # differentiable in K_d and noise
+"""
+from . import reference
+from .ops import kron_mv, mode_product
+
+__all__ = ["kron_mv", "mode_product", "reference"]

@@ -1,0 +1,68 @@
+"""Mode products on a row-major grid vector with torch's GEMMs, without permute copies.
+
+A grid vector ``x`` of shape ``(n_1 * ... * n_D, B)`` viewed as ``(A, n_d, C)`` with
+``A = n_1 ... n_{d-1}`` and ``C = n_{d+1} ... n_D * B`` is a batch of ``A`` matrices; applying
+``M (m, n_d)`` along mode ``d`` is the batched GEMM ``M @ x[a]`` into a fresh ``(A, m, C)`` tensor,
+which is again row-major in the new grid. The first mode (``A = 1``) and a last mode without
+batch columns (``C = 1``) are single GEMMs. This is the CPU path of `pyfast.gp.kron_mv`: it runs
+at BLAS GEMM speed, so a hand-written C++ mode-product kernel had nothing to win.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Sequence
+
+from torch import Tensor
+
+ApplyMode = Callable[[Tensor, Tensor, Sequence[int], int, int], Tensor]
+
+
+def apply_mode(matrix: Tensor, x: Tensor, grid: Sequence[int], mode: int, cols: int) -> Tensor:
+    """``matrix (m, n_mode)`` along ``mode`` of ``x (N, cols)`` (contiguous, row-major grid ``grid``);
+    returns ``(N / n_mode * m, cols)`` contiguous."""
+    a = math.prod(grid[:mode])
+    n = grid[mode]
+    c = math.prod(grid[mode + 1:]) * cols
+    m = matrix.shape[0]
+    if c == 1:
+        out = x.reshape(a, n) @ matrix.transpose(0, 1)
+    elif a == 1:
+        out = matrix @ x.reshape(n, c)
+    else:
+        out = matrix @ x.reshape(a, n, c)
+    return out.reshape(a * m * math.prod(grid[mode + 1:]), cols)
+
+
+def kron_apply(
+    matrices: Sequence[Tensor], x: Tensor, grid: Sequence[int], cols: int, skip: int = -1, apply: ApplyMode = apply_mode
+) -> Tensor:
+    """``(M_1 (x) ... (x) M_D) x`` by one mode product per factor (``apply``: this module's
+    `apply_mode` or a kernel backend's); factor ``skip`` is left out (identity along that mode)."""
+    shape: List[int] = list(grid)
+    for d, mat in enumerate(matrices):
+        if d == skip:
+            continue
+        x = apply(mat, x, shape, d, cols)
+        shape[d] = mat.shape[0]
+    return x
+
+
+def mode_gram(left: Tensor, right: Tensor, grid: Sequence[int], mode: int, cols: int) -> Tensor:
+    """``sum`` over every axis but ``mode`` of ``left[..i..] * right[..j..]``: the ``(p, q)`` matrix
+    ``unfold_mode(left) @ unfold_mode(right)^T``. Both are ``(rows, cols)`` on grids equal to
+    ``grid`` except along ``mode`` (sizes ``p`` and ``q``; ``grid[mode]`` is not used)."""
+    a = math.prod(grid[:mode])
+    c = math.prod(grid[mode + 1:]) * cols
+    l3, r3 = left.reshape(a, -1, c), right.reshape(a, -1, c)
+    if a == 1:
+        return l3[0] @ r3[0].transpose(0, 1)
+    if c == 1:
+        return l3[:, :, 0].transpose(0, 1) @ r3[:, :, 0]
+    return (l3 @ r3.transpose(1, 2)).sum(0)
+
+
+def mode_sum(x: Tensor, grid: Sequence[int], mode: int) -> Tensor:
+    """Sum of ``x (N,)`` over every grid axis but ``mode``: shape ``(n_mode,)``."""
+    a = math.prod(grid[:mode])
+    n = grid[mode]
+    return x.reshape(a, n, -1).sum((0, 2))
