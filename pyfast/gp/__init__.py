@@ -6,6 +6,7 @@
     mll = grid.marginal_log_likelihood(y)                       # differentiable in K_d and noise
 """
 from . import reference
+from .grid import KroneckerGrid
 from .ops import kron_mv, mode_product
 
-__all__ = ["kron_mv", "mode_product", "reference"]
+__all__ = ["KroneckerGrid", "kron_mv", "mode_product", "reference"]

@@ -47,13 +47,15 @@ def kron_apply(
     return x
 
 
-def mode_gram(left: Tensor, right: Tensor, grid: Sequence[int], mode: int, cols: int) -> Tensor:
+def mode_gram(left: Tensor, right: Tensor, grid: Sequence[int], mode: int, cols: int, p: int, q: int) -> Tensor:
     """``sum`` over every axis but ``mode`` of ``left[..i..] * right[..j..]``: the ``(p, q)`` matrix
     ``unfold_mode(left) @ unfold_mode(right)^T``. Both are ``(rows, cols)`` on grids equal to
-    ``grid`` except along ``mode`` (sizes ``p`` and ``q``; ``grid[mode]`` is not used)."""
+    ``grid`` except along ``mode``, where they have ``p`` and ``q`` points."""
+    if left.numel() == 0 or right.numel() == 0:
+        return left.new_zeros(p, q)
     a = math.prod(grid[:mode])
     c = math.prod(grid[mode + 1:]) * cols
-    l3, r3 = left.reshape(a, -1, c), right.reshape(a, -1, c)
+    l3, r3 = left.reshape(a, p, c), right.reshape(a, q, c)
     if a == 1:
         return l3[0] @ r3[0].transpose(0, 1)
     if c == 1:

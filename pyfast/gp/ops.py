@@ -97,7 +97,7 @@ def _kron_mv_factor_grads_op(factors: List[Tensor], v: Tensor, grad: Tensor, tra
     grads = []
     for d in range(len(mats)):
         others = _modes.kron_apply(mats, v, grid, cols, skip=d, apply=_apply(backend))
-        g = _modes.mode_gram(grad, others, out_grid, d, cols)
+        g = _modes.mode_gram(grad, others, out_grid, d, cols, *mats[d].shape)
         grads.append(g.t().contiguous() if transpose else g)
     return grads
 
@@ -183,7 +183,7 @@ def _mode_product_backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         grad_v = _mode_product_op(matrix, grad, out_grid, ctx.mode, not ctx.transpose, ctx.backend)
     if ctx.needs_input_grad[0]:
-        g = _modes.mode_gram(grad, v, out_grid, ctx.mode, v.shape[1])
+        g = _modes.mode_gram(grad, v, out_grid, ctx.mode, v.shape[1], out_grid[ctx.mode], ctx.grid[ctx.mode])
         grad_m = g.t() if ctx.transpose else g
     return grad_m, grad_v, None, None, None, None
 

@@ -78,17 +78,16 @@ def logdet(factors, noise, diagonals=None) -> Tensor:
 
 
 def inv_quad_logdet(factors, noise, y, diagonals=None):
-    """``(y^T (K + noise D)^{-1} y, log |K + noise D|)``; the quadratic form sums over the columns."""
+    """``(y^T (K + noise D)^{-1} y, log |K + noise D|)``; the quadratic form has one entry per
+    column of ``y`` (shape ``()`` for a vector)."""
     alpha = solve(factors, noise, y, diagonals)
-    return (y * alpha).sum(), logdet(factors, noise, diagonals)
+    return (y * alpha).sum(0), logdet(factors, noise, diagonals)
 
 
 def marginal_log_likelihood(factors, noise, y, diagonals=None) -> Tensor:
-    """``log N(y | 0, K + noise D)``, summed over the columns of ``y``."""
-    n = y.shape[0]
-    cols = 1 if y.dim() == 1 else y.shape[1]
+    """``log N(y | 0, K + noise D)``, one entry per column of ``y`` (shape ``()`` for a vector)."""
     quad, ld = inv_quad_logdet(factors, noise, y, diagonals)
-    return -0.5 * quad - 0.5 * cols * ld - 0.5 * cols * n * math.log(2 * math.pi)
+    return -0.5 * quad - 0.5 * ld - 0.5 * y.shape[0] * math.log(2 * math.pi)
 
 
 # --------------------------------------------------------------------------------------------------
