@@ -7,6 +7,16 @@
 """
 from . import reference
 from .grid import KroneckerGrid
+from .kernels import COMPONENTS, kernel_matrix, mixture_of_products_mv, product_of_mixtures
 from .ops import kron_mv, mode_product
 
-__all__ = ["KroneckerGrid", "kron_mv", "mode_product", "reference"]
+__all__ = [
+    "COMPONENTS",
+    "KroneckerGrid",
+    "kernel_matrix",
+    "kron_mv",
+    "mixture_of_products_mv",
+    "mode_product",
+    "product_of_mixtures",
+    "reference",
+]

@@ -114,8 +114,7 @@ _MATERN = {
 
 def _matern_of_d(d: Tensor, nu: str, lengthscale) -> Tensor:
     a, poly = _MATERN[nu]
-    # |d| as sqrt(d^2 + tiny): smooth at d = 0, so autograd gives the exact k'(0) = 0 and k''(0).
-    r = torch.sqrt(d * d + torch.finfo(d.dtype).tiny) / lengthscale
+    r = d.abs() / lengthscale
     return poly(r) * torch.exp(-a * r)
 
 
@@ -125,28 +124,52 @@ def matern(x1, x2, lengthscale, nu: str = "5/2", variance=1.0) -> Tensor:
     return variance * _matern_of_d(_diff(x1, x2), nu, lengthscale)
 
 
-def spectral_mixture(x1, x2, log_weights, lengthscales, means, component: str = "gauss") -> Tensor:
-    """GP-HM per-dimension mixture ``sum_q w_q g_q(d) cos(2 pi mu_q d)``, ``w_q = exp(log_weights_q)``;
-    ``component="gauss"``: ``g_q = exp(-d^2 / l_q^2)``; ``"matern52"`` (Student-t spectrum):
-    ``g_q`` the Matern 5/2 kernel with lengthscale ``l_q``. Parameters are ``(Q,)``."""
+COMPONENTS = ("rbf", "sm_gauss", "matern12", "matern32", "matern52")
+
+
+def _component(d: Tensor, component: str, lengthscale) -> Tensor:
+    if component == "rbf":
+        return torch.exp(-0.5 * (d / lengthscale) ** 2)
+    if component == "sm_gauss":
+        return torch.exp(-((d / lengthscale) ** 2))
+    return _matern_of_d(d, {"matern12": "1/2", "matern32": "3/2", "matern52": "5/2"}[component], lengthscale)
+
+
+def mixture_kernel(x1, x2, log_weights, lengthscales, means=None, component: str = "sm_gauss") -> Tensor:
+    """``K_ij = sum_q w_q g(d; l_q) cos(2 pi mu_q d)``, ``d = x1_i - x2_j``, ``w_q = exp(log_weights_q)``.
+
+    ``component`` names ``g``: ``"rbf"`` ``exp(-d^2 / (2 l^2))``; ``"sm_gauss"`` ``exp(-d^2 / l^2)``
+    (GP-HM's Gaussian spectral mixture); ``"matern12" | "matern32" | "matern52"`` (``matern52`` with
+    frequencies is GP-HM's Student-t mixture). ``means=None`` means ``mu = 0`` (no cosine): with
+    ``Q = 1`` these are the plain RBF / Matern kernels with variance ``exp(log_weights)``.
+    Parameters are ``(Q,)``; this spec materializes ``(Q, n1, n2)``.
+    """
     d = _diff(x1, x2)[None]
-    ls = lengthscales[:, None, None]
-    if component == "gauss":
-        g = torch.exp(-(d / ls) ** 2)
-    else:
-        g = _matern_of_d(d, "5/2", ls)
-    comps = torch.exp(log_weights)[:, None, None] * g * torch.cos(2 * math.pi * means[:, None, None] * d)
+    g = _component(d, component, lengthscales[:, None, None])
+    comps = torch.exp(log_weights)[:, None, None] * g
+    if means is not None:
+        comps = comps * torch.cos(2 * math.pi * means[:, None, None] * d)
     return comps.sum(0)
 
 
 def kernel_derivatives(kernel_fn, x1: Tensor, x2: Tensor):
-    """``(K, dK/dx, d2K/dx dx')`` of ``K_ij = k(x1_i, x2_j)`` by autograd (float64 spec of the fused
-    kernels): ``dK/dx_ij = d k / d x1_i`` and ``d2K/dx dx'_ij = d^2 k / d x1_i d x2_j``."""
+    """``(K, dK/dx, d2K/dx dx')`` of ``K_ij = k(x1_i, x2_j)`` by autograd (the spec of the fused
+    kernels): ``dK/dx_ij = d k / d x1_i`` and ``d2K/dx dx'_ij = d^2 k / d x1_i d x2_j``. The results
+    stay differentiable w.r.t. the kernel's parameters. Autograd through ``|d|`` cannot give a
+    Matern kernel's ``k''(0)`` (it returns 0 there); `matern_mixed_derivative_at_zero` is the limit."""
     x1 = x1.detach().requires_grad_(True)
     x2 = x2.detach().requires_grad_(True)
     K = kernel_fn(x1, x2)
-    # K_ij depends on x1_i only, so the gradient of column sums gives d/dx1_i per column j.
+    # K_ij depends on x1_i only, so the gradient of column j's sum is column j of dK/dx.
     n1, n2 = K.shape
     dK = torch.stack([torch.autograd.grad(K[:, j].sum(), x1, create_graph=True)[0] for j in range(n2)], 1)
-    d2K = torch.stack([torch.autograd.grad(dK[i, :].sum(), x2, retain_graph=True)[0] for i in range(n1)], 0)
-    return K.detach(), dK.detach(), d2K.detach()
+    d2K = torch.stack([torch.autograd.grad(dK[i, :].sum(), x2, create_graph=True)[0] for i in range(n1)], 0)
+    return K, dK, d2K
+
+
+def matern_mixed_derivative_at_zero(log_weights, lengthscales, means, component: str) -> Tensor:
+    """``d2K/dx dx' = -k''(0)`` of a Matern 3/2 or 5/2 mixture: ``sum_q w_q (c / l_q^2 + (2 pi mu_q)^2)``
+    with ``c = 3`` (3/2) or ``5/3`` (5/2), the limit of the closed form as ``d -> 0``."""
+    c = 3.0 if component == "matern32" else 5.0 / 3.0
+    f2 = 0.0 if means is None else (2 * math.pi * means) ** 2
+    return (torch.exp(log_weights) * (c / lengthscales**2 + f2)).sum()
