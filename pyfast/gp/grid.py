@@ -116,7 +116,8 @@ class KroneckerGrid:
             (e.g. per-axis noise scales), else ``D = I``. May require grad.
         jitter: added to every factor's diagonal before factoring (``K_d + jitter I``); the
             operator, its log-det and gradients are then exactly those of the jittered factors.
-            Never applied silently: a numerically singular factor raises a warning naming it.
+            Never applied silently: a numerically singular factor that noise * D does not
+            regularize raises a warning naming it and the jitter.
 
     The eigendecompositions run once, in float64, at construction; a new grid is needed when the
     factors or the noise change (e.g. each optimizer step). All results are differentiable w.r.t.
@@ -183,6 +184,7 @@ class KroneckerGrid:
 
     def _factor(self) -> None:
         lams, Ps = [], []
+        self._singular: List[str] = []
         for d, K in enumerate(self.factors):
             K64 = K.detach().to(torch.float64)
             if value_checks_enabled():
@@ -208,13 +210,16 @@ class KroneckerGrid:
                 f"KroneckerGrid: K + noise * D is not positive definite (smallest eigenvalue {float(L.min()):.3g}); "
                 f"a factor is indefinite beyond rounding; pass a larger noise or jitter (now {self.jitter:g})"
             )
+        self._warn_if_ill_conditioned(L)
         self._inv_L = 1.0 / L
         self._log_L = torch.log(L)
-        self._P = [P.to(self.dtype) for P in Ps]
+        # Row-major copies of P and P^T (eigh returns column-major Q; GEMM views want row-major).
+        self._P = [P.to(self.dtype).contiguous() for P in Ps]
+        self._Pt = [P.t().contiguous() for P in self._P]
         self._inv_L_work = self._inv_L.to(self.dtype)
 
     def _check_spectrum(self, d: int, lam: Tensor) -> None:
-        """No clamping: an indefinite factor is an error, a numerically singular one a warning."""
+        """No clamping: an indefinite factor (beyond rounding) is an error."""
         if lam.numel() == 0:
             return
         top = float(lam.abs().max())
@@ -227,12 +232,21 @@ class KroneckerGrid:
                 f"largest {top:.3g}); fix the kernel or pass jitter > {-low:.3g} (now {self.jitter:g})"
             )
         if low <= tol:
+            self._singular.append(f"factors[{d}] (smallest eigenvalue {low:.3g}, largest {top:.3g})")
+
+    def _warn_if_ill_conditioned(self, L: Tensor) -> None:
+        """A numerically singular factor matters only when noise * D does not regularize it: warn
+        when cond(A) exceeds 1 / sqrt(eps) (more than half the digits lost), naming the jitter."""
+        if not self._singular or not L.numel():
+            return
+        cond = float(L.max() / L.min())
+        if cond > torch.finfo(self.dtype).eps ** -0.5:
             warnings.warn(
-                f"KroneckerGrid: factors[{d}] is numerically singular (smallest eigenvalue {low:.3g}, largest "
-                f"{top:.3g}, jitter {self.jitter:g}); results are those of K + noise * D with this spectrum, "
-                f"unclamped; pass jitter to regularize the factor",
+                f"KroneckerGrid: numerically singular {', '.join(self._singular)} and cond(K + noise * D) = "
+                f"{cond:.3g} with noise {self._noise_value:g}, jitter {self.jitter:g}; results are unclamped "
+                f"but lose digits; pass a larger jitter (adds jitter * I to every factor) or noise",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
     # ---- eigenbasis helpers (used by _Solve) -------------------------------------------------------
@@ -244,7 +258,7 @@ class KroneckerGrid:
 
     def _beta(self, y: Tensor) -> Tensor:
         """``L^{-1} P^T y`` for ``y (N, B)``."""
-        z = _modes.kron_apply([P.t() for P in self._P], y, self.sizes, y.shape[1], apply=self._apply)
+        z = _modes.kron_apply(self._Pt, y, self.sizes, y.shape[1], apply=self._apply)
         return z * self._inv_L_work[:, None]
 
     def _from_eigenbasis(self, beta: Tensor) -> Tensor:
