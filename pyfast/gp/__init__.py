@@ -6,12 +6,15 @@
     mll = grid.marginal_log_likelihood(y)                       # differentiable in K_d and noise
 """
 from . import reference
+from .cg import CGResult, incomplete_grid_solve
 from .grid import KroneckerGrid
 from .kernels import COMPONENTS, kernel_matrix, mixture_of_products_mv, product_of_mixtures
 from .ops import kron_mv, mode_product
 
 __all__ = [
+    "CGResult",
     "COMPONENTS",
+    "incomplete_grid_solve",
     "KroneckerGrid",
     "kernel_matrix",
     "kron_mv",
