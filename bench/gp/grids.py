@@ -54,13 +54,14 @@ def torch_solve_logdet(factors: List[torch.Tensor], noise: float, y: torch.Tenso
     return torch_kron_mv([Q for _, Q in eig], z), torch.log(L).sum()
 
 
-def gpytorch_operator(factors: List[torch.Tensor], noise: float):
+def gpytorch_operator(factors: List[torch.Tensor], noise):
+    """``KroneckerProductAddedDiagLinearOperator``; ``noise`` a float or a one-element tensor."""
     from linear_operator.operators import ConstantDiagLinearOperator, DenseLinearOperator, KroneckerProductLinearOperator
 
     N = math.prod(K.shape[0] for K in factors)
     kron = KroneckerProductLinearOperator(*[DenseLinearOperator(K) for K in factors])
-    diag = ConstantDiagLinearOperator(torch.full((1,), noise, dtype=factors[0].dtype, device=factors[0].device), N)
-    return kron + diag  # a KroneckerProductAddedDiagLinearOperator
+    noise_t = torch.as_tensor(noise, dtype=factors[0].dtype, device=factors[0].device).reshape(1)
+    return kron + ConstantDiagLinearOperator(noise_t, N)
 
 
 def gpytorch_kron_mv(factors: List[torch.Tensor], v: torch.Tensor) -> torch.Tensor:

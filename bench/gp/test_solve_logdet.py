@@ -56,10 +56,8 @@ def pyfast_mll_grads(factors, y):
 
 def gpytorch_mll_grads(factors, y):
     Ks, noise = _leaves(factors)
-    from linear_operator.operators import ConstantDiagLinearOperator, DenseLinearOperator, KroneckerProductLinearOperator
-
     N = y.shape[0]
-    op = KroneckerProductLinearOperator(*[DenseLinearOperator(K) for K in Ks]) + ConstantDiagLinearOperator(noise.reshape(1), N)
+    op = gpytorch_operator(Ks, noise)
     quad, logdet = op.inv_quad_logdet(y, logdet=True)
     mll = -0.5 * quad - 0.5 * logdet - 0.5 * N * torch.log(torch.tensor(2 * torch.pi, dtype=torch.float64))
     return (mll.detach(), *torch.autograd.grad(mll, [*Ks, noise]))

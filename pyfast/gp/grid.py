@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .._checks import FLOAT_DTYPES, check_tensor, value_checks_enabled
+from .._checks import check_tensor, value_checks_enabled
 from . import _modes, ops, reference
 
 # Factors up to this size are decomposed on the CPU even when the data lives on CUDA: torch's GPU
@@ -259,7 +259,7 @@ class KroneckerGrid:
     def _beta(self, y: Tensor) -> Tensor:
         """``L^{-1} P^T y`` for ``y (N, B)``."""
         z = _modes.kron_apply(self._Pt, y, self.sizes, y.shape[1], apply=self._apply)
-        return z * self._inv_L_work[:, None]
+        return z.mul_(self._inv_L_work[:, None])  # z is a fresh tensor
 
     def _from_eigenbasis(self, beta: Tensor) -> Tensor:
         return _modes.kron_apply(self._P, beta, self.sizes, beta.shape[1], apply=self._apply)

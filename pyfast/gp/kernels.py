@@ -38,7 +38,8 @@ from .ops import check_grid_vector, kron_mv
 
 COMPONENTS = reference.COMPONENTS
 _SQRT3, _SQRT5 = math.sqrt(3.0), math.sqrt(5.0)
-register_op("gp.kernel_matrix", triton=(torch.float32,))
+# The "cpu" path is the torch component loop below (no C++ kernel was written for it).
+register_op("gp.kernel_matrix", cpu=(torch.float32, torch.float64), triton=(torch.float32,))
 
 
 def _profile(d: Tensor, component: str, l: Tensor, derivatives: bool):

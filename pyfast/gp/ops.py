@@ -1,8 +1,10 @@
 """Kronecker matrix-vector products: validation, `torch.library` custom ops, autograd, dispatch.
 
 Backends: ``triton`` (CUDA, float32/float16/bfloat16: the strided batched-GEMM mode-product
-kernel), ``cpu`` (torch's GEMMs on mode views without permute copies, `_modes.py`; the same torch
-path serves float64 on CUDA) and ``reference`` (dense Kronecker product, `reference.py`).
+kernel), ``cpu`` (torch's GEMMs on mode views without permute copies, `_modes.py`: a C++
+mode-product kernel measured 2.5x (64^3) to 8x (1024^2) slower than these BLAS GEMMs and was
+dropped; the same torch path serves float64 on CUDA) and ``reference`` (dense Kronecker
+product, `reference.py`).
 """
 from __future__ import annotations
 
