@@ -6,7 +6,7 @@ import torch
 
 import pyfast
 from pyfast.gp import kron_mv, mode_product, reference
-from pyfast.gp.ops import _kron_mv_op, _mode_product_op
+from pyfast.gp.ops import _kron_mv_factor_grads_op, _kron_mv_op, _mode_product_op
 from kernel_cases import assert_close
 
 # (factor shapes (m_d, n_d), columns B or None for a 1-D vector)
@@ -118,6 +118,8 @@ def test_opcheck():
     factors, v = _inputs([(3, 4), (2, 2), (3, 2)], 2, torch.float64, "cpu", requires_grad=True)
     torch.library.opcheck(_kron_mv_op, (factors, v, False, "torch"))
     torch.library.opcheck(_kron_mv_op, ([f.detach() for f in factors], torch.randn(18, 1, dtype=torch.float64), True, "torch"))
+    plain = [f.detach() for f in factors]
+    torch.library.opcheck(_kron_mv_factor_grads_op, (plain, v.detach(), torch.randn(18, 2, dtype=torch.float64), False, "torch"))
     m = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
     x = torch.randn(24, 3, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(_mode_product_op, (m, x, [3, 2, 4], 1, False, "torch"))
