@@ -1,0 +1,186 @@
+"""SSM ops: validation, `torch.library` custom ops, autograd, backend dispatch.
+
+The custom ops take and return real tensors only (complex parameters travel as ``(..., 2)``
+``view_as_real`` pairs), so ``torch.compile`` graphs hold no complex values: the complex
+arithmetic lives inside the ops. Backward passes are custom ops too.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from .._backend import backend_for, register_op
+from .._checks import check_choice, check_int, check_same_device, check_tensor, value_checks_enabled
+from . import reference
+from .reference import DISCRETIZATIONS
+
+REAL_DTYPES = (torch.float32, torch.float64)
+COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+register_op("ssm.s4d_kernel", cpu=REAL_DTYPES, triton=(torch.float32,))
+
+_KERNEL_MODULES = {"cpu": "pyfast.ssm._cpu", "triton": "pyfast.triton_kernels.ssm"}
+
+
+def _kernels(backend: str):
+    """The module implementing the kernel contract for ``backend`` (imported on first use)."""
+    return importlib.import_module(_KERNEL_MODULES[backend])
+
+
+def _eager_value_checks() -> bool:
+    """Value checks run eagerly only (under torch.compile they would break the graph)."""
+    return value_checks_enabled() and not torch.compiler.is_compiling()
+
+
+def check_ssm_params(fn: str, dt: Tensor, A: Tensor, C: Tensor) -> None:
+    """``dt (H,)`` real, ``A (H, N)`` and ``C (channels, H, N)`` complex of the matching precision,
+    finite, ``dt > 0`` and ``Re(A) < 0``."""
+    check_tensor(fn, "dt", dt, ndim=1, dims="(H,)", dtypes=REAL_DTYPES)
+    complex_dtype = COMPLEX_OF[dt.dtype]
+    for name, value, ndim, dims in (("A", A, 2, "(H, N)"), ("C", C, 3, "(channels, H, N)")):
+        check_tensor(fn, name, value, ndim=ndim, dims=dims)
+        if value.dtype != complex_dtype:
+            raise TypeError(
+                f"{fn}: {name} must be complex with the precision of dt ({complex_dtype} for dt {dt.dtype}), "
+                f"got {value.dtype}"
+            )
+    H, N = A.shape
+    if dt.shape[0] != H or C.shape[1:] != (H, N):
+        raise ValueError(
+            f"{fn}: dt (H,), A (H, N) and C (channels, H, N) must agree on H and N, got dt {tuple(dt.shape)}, "
+            f"A {tuple(A.shape)}, C {tuple(C.shape)}"
+        )
+    check_same_device(fn, dt=dt, A=A, C=C)
+    if not _eager_value_checks():
+        return
+    for name, value in (("dt", dt), ("A", A), ("C", C)):
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{fn}: {name} has non-finite values (NaN or Inf)")
+    if dt.numel() and not bool((dt > 0).all()):
+        raise ValueError(f"{fn}: dt must be > 0 (the linear step size; pass exp(log_dt)), got min {float(dt.min())}")
+    if A.numel() and not bool((A.real < 0).all()):
+        raise ValueError(
+            f"{fn}: A must have negative real parts (Re(A) >= 0 is an unstable, non-decaying SSM), "
+            f"got max Re(A) = {float(A.real.max())}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# s4d_kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def _discretize_pairs(dt: Tensor, A: Tensor, C: Tensor, discretization: str) -> Tuple[Tensor, Tensor]:
+    """`reference.discretize` on ``view_as_real`` pairs, in float64 whatever the input precision
+    (O(channels H N) work; in complex64 the bilinear ``log`` of ``Abar ~ 1`` loses ~4 digits of
+    ``w``, which the phase ``l w`` then multiplies by L). Returns complex128 ``(W, w)``."""
+    A, C = (torch.view_as_complex(t.double()) for t in (A, C))
+    return reference.discretize(dt.double(), A, C, discretization)
+
+
+def _as_pairs(z: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.view_as_real(z).to(dtype).contiguous()
+
+
+@torch.library.custom_op("pyfast::ssm_s4d_kernel", mutates_args=())
+def _s4d_kernel_op(dt: Tensor, A: Tensor, C: Tensor, L: int, discretization: str, backend: str) -> Tensor:
+    W, w = _discretize_pairs(dt, A, C, discretization)
+    return _kernels(backend).vandermonde_fwd(_as_pairs(W, dt.dtype), _as_pairs(w, dt.dtype), L)
+
+
+@_s4d_kernel_op.register_fake
+def _(dt, A, C, L, discretization, backend):
+    return dt.new_empty((C.shape[0], C.shape[1], L))
+
+
+def _discretize_backward(
+    grad_W: Tensor, grad_w: Tensor, dt: Tensor, A: Tensor, C: Tensor, discretization: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Chain rule through `reference.discretize` (complex128 ``A, C``; ``grad_W (channels, H, N)``,
+    ``grad_w (H, N)`` in PyTorch's convention ``dL/dRe + i dL/dIm``). For holomorphic ``y = f(x)``
+    that convention gives ``grad_x = conj(f'(x)) grad_y``; dt is real, so its gradient is the real
+    part of the same sum."""
+    step = dt.unsqueeze(-1)
+    x = step * A  # dt A
+    if discretization == "zoh":  # W = C (e^x - 1) / A,  w = x
+        ex = torch.exp(x)
+        dW_dC = (ex - 1) / A
+        dW_dA = C * (step * ex * A - (ex - 1)) / A**2
+        dW_ddt = C * ex
+        dw_dx = torch.ones_like(x)
+    else:  # W = C dt / (1 - x/2),  w = log(1 + x/2) - log(1 - x/2)
+        d = 1 - x / 2
+        dW_dC = step / d
+        dW_dA = C * step * step / (2 * d**2)
+        dW_ddt = C / d**2
+        dw_dx = 1 / (1 - x**2 / 4)
+    grad_C = dW_dC.conj() * grad_W
+    grad_A = (dW_dA.conj() * grad_W).sum(0) + (step * dw_dx).conj() * grad_w
+    grad_dt = (dW_ddt.conj() * grad_W).sum(0).real.sum(-1) + ((A * dw_dx).conj() * grad_w).real.sum(-1)
+    return grad_dt, grad_A, grad_C
+
+
+@torch.library.custom_op("pyfast::ssm_s4d_kernel_bwd", mutates_args=())
+def _s4d_kernel_bwd_op(
+    grad: Tensor, dt: Tensor, A: Tensor, C: Tensor, discretization: str, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    W, w = _discretize_pairs(dt, A, C, discretization)
+    S0, S1 = _kernels(backend).vandermonde_bwd(grad.contiguous(), _as_pairs(w, dt.dtype))
+    S0, S1 = (torch.view_as_complex(S.double()) for S in (S0, S1))
+    # K = 2 Re(sum_n W exp(l w)):  dL/dW = 2 conj(S0),  dL/dw = 2 sum_c conj(W S1)  (csrc/cpu/ssm/ssm.h)
+    grad_W = 2 * S0.conj()
+    grad_w = 2 * (W * S1).conj().sum(0)
+    A64, C64 = (torch.view_as_complex(t.double()) for t in (A, C))
+    grad_dt, grad_A, grad_C = _discretize_backward(grad_W, grad_w, dt.double(), A64, C64, discretization)
+    return grad_dt.to(dt.dtype), _as_pairs(grad_A, dt.dtype), _as_pairs(grad_C, dt.dtype)
+
+
+@_s4d_kernel_bwd_op.register_fake
+def _(grad, dt, A, C, discretization, backend):
+    return torch.empty_like(dt), torch.empty_like(A), torch.empty_like(C)
+
+
+def _s4d_kernel_setup(ctx, inputs, output):
+    dt, A, C, _, discretization, backend = inputs
+    ctx.save_for_backward(dt, A, C)
+    ctx.discretization, ctx.backend = discretization, backend
+
+
+def _s4d_kernel_backward(ctx, grad):
+    dt, A, C = ctx.saved_tensors
+    grad_dt, grad_A, grad_C = _s4d_kernel_bwd_op(grad, dt, A, C, ctx.discretization, ctx.backend)
+    return grad_dt, grad_A, grad_C, None, None, None
+
+
+_s4d_kernel_op.register_autograd(_s4d_kernel_backward, setup_context=_s4d_kernel_setup)
+
+
+def s4d_kernel(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str = "zoh") -> Tensor:
+    """S4D convolution kernel ``K[c, h, l] = 2 Re(sum_n C'[c, h, n] Abar[h, n]^l)``, fused (no (H, N, L)
+    temporary; memory O(channels H L)).
+
+    Args:
+        dt: ``(H,)`` float32/float64 linear step sizes, > 0 (layers keep ``log_dt`` and pass its exp).
+        A: ``(H, N)`` complex (complex64 with float32 dt, complex128 with float64), ``Re(A) < 0``:
+            one eigenvalue of each conjugate pair.
+        C: ``(channels, H, N)`` complex, same precision (B folded in).
+        L: kernel length >= 1.
+        discretization: ``"zoh"`` or ``"bilinear"`` (see `reference`).
+
+    Returns:
+        ``K (channels, H, L)`` in ``dt.dtype``; differentiable w.r.t. ``dt``, ``A`` and ``C``.
+    """
+    fn = "s4d_kernel"
+    check_ssm_params(fn, dt, A, C)
+    check_int(fn, "L", L, low=1, what="kernel length")
+    check_choice(fn, "discretization", discretization, DISCRETIZATIONS)
+    backend = backend_for("ssm.s4d_kernel", dt).backend
+    if backend == "reference":
+        return reference.s4d_kernel(dt, A, C, L, discretization=discretization)
+    return _s4d_kernel_op(
+        dt.contiguous(), torch.view_as_real(A.resolve_conj()).contiguous(),
+        torch.view_as_real(C.resolve_conj()).contiguous(), L, discretization, backend,
+    )
