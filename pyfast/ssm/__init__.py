@@ -1,13 +1,15 @@
 """State-space model convolution: S4D / S4-PTD kernels, FFT long convolution, recurrent step.
 
     K = pyfast.ssm.s4d_kernel(dt, A, C, L)          # (channels, H, L) from diagonal complex A
+    y = pyfast.ssm.fft_conv(u, K[0], D)              # (B, H, L) causal long convolution + skip
 """
 from . import reference
-from .ops import s4d_kernel
+from .ops import fft_conv, s4d_kernel
 from .reference import PTDInit, s4_ptd_init, s4d_inv_init, s4d_legs_init, s4d_lin_init, s4d_step
 
 __all__ = [
     "PTDInit",
+    "fft_conv",
     "reference",
     "s4_ptd_init",
     "s4d_inv_init",

@@ -7,20 +7,24 @@ arithmetic lives inside the ops. Backward passes are custom ops too.
 from __future__ import annotations
 
 import importlib
-from typing import Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .._backend import backend_for, register_op
-from .._checks import check_choice, check_int, check_same_device, check_tensor, value_checks_enabled
-from . import reference
+from .._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor, value_checks_enabled
+from . import _fft_conv, reference
 from .reference import DISCRETIZATIONS
 
 REAL_DTYPES = (torch.float32, torch.float64)
 COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 
+MAX_LENGTH = 1 << 20
+
 register_op("ssm.s4d_kernel", cpu=REAL_DTYPES, triton=(torch.float32,))
+# The CPU path of fft_conv is torch's FFT (pyfast/ssm/_fft_conv.py); CUDA tensors run the reference.
+register_op("ssm.fft_conv", cpu=FLOAT_DTYPES)
 
 _KERNEL_MODULES = {"cpu": "pyfast.ssm._cpu", "triton": "pyfast.triton_kernels.ssm"}
 
@@ -184,3 +188,95 @@ def s4d_kernel(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str 
         dt.contiguous(), torch.view_as_real(A.resolve_conj()).contiguous(),
         torch.view_as_real(C.resolve_conj()).contiguous(), L, discretization, backend,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# fft_conv
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyfast::ssm_fft_conv", mutates_args=())
+def _fft_conv_op(
+    u: Tensor, k: Tensor, D: Optional[Tensor], pregate: Optional[Tensor], postgate: Optional[Tensor],
+    bidirectional: bool, backend: str,
+) -> Tensor:
+    return _fft_conv.fft_conv_fwd(u, k, D, pregate, postgate, bidirectional)
+
+
+@_fft_conv_op.register_fake
+def _(u, k, D, pregate, postgate, bidirectional, backend):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("pyfast::ssm_fft_conv_bwd", mutates_args=())
+def _fft_conv_bwd_op(
+    grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], pregate: Optional[Tensor], postgate: Optional[Tensor],
+    bidirectional: bool, backend: str,
+) -> List[Tensor]:
+    """Gradients w.r.t. ``u, k`` and each of ``D, pregate, postgate`` that is present, in that order."""
+    grads = _fft_conv.fft_conv_bwd(grad, u, k, D, pregate, postgate, bidirectional)
+    return [g for g in grads if g is not None]
+
+
+@_fft_conv_bwd_op.register_fake
+def _(grad, u, k, D, pregate, postgate, bidirectional, backend):
+    return [torch.empty_like(t) for t in (u, k, D, pregate, postgate) if t is not None]
+
+
+def _fft_conv_setup(ctx, inputs, output):
+    u, k, D, pregate, postgate, bidirectional, backend = inputs
+    ctx.save_for_backward(u, k, D, pregate, postgate)
+    ctx.bidirectional, ctx.backend = bidirectional, backend
+
+
+def _fft_conv_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    present = iter(_fft_conv_bwd_op(grad, *saved, ctx.bidirectional, ctx.backend))
+    return (*(None if t is None else next(present) for t in saved), None, None)
+
+
+_fft_conv_op.register_autograd(_fft_conv_backward, setup_context=_fft_conv_setup)
+
+
+def fft_conv(
+    u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, bidirectional: bool = False,
+    pregate: Optional[Tensor] = None, postgate: Optional[Tensor] = None,
+) -> Tensor:
+    """Long convolution ``y = postgate * (v * k + D v)``, ``v = pregate * u``, any length.
+
+    Args:
+        u: ``(B, H, L)`` float32/float16/bfloat16/float64, ``1 <= L <= 2^20``.
+        k: ``(H, L)`` causal kernel, or ``(2, H, L)`` with ``bidirectional=True`` (``k[1]`` holds the
+            anti-causal lags -1, -2, ...: ``y[t] += sum_{s > t} k[1, s - t - 1] v[s]``).
+        D: optional ``(H,)`` skip weights. pregate, postgate: optional ``(B, H, L)`` gates.
+
+    Returns ``y (B, H, L)`` in ``u.dtype`` (computed in float32, float64 for float64 u);
+    differentiable w.r.t. every tensor argument.
+    """
+    fn = "fft_conv"
+    check_tensor(fn, "u", u, ndim=3, dims="(B, H, L)", dtypes=FLOAT_DTYPES)
+    Bsz, H, L = u.shape
+    check_int(fn, "L", L, low=1, high=MAX_LENGTH, what="u.shape[-1]")
+    expected = (2, H, L) if bidirectional else (H, L)
+    check_tensor(fn, "k", k, dtypes=FLOAT_DTYPES)
+    if tuple(k.shape) != expected:
+        form = "(2, H, L) for bidirectional=True" if bidirectional else "(H, L)"
+        raise ValueError(f"{fn}: k must have shape {form} = {expected} to match u {tuple(u.shape)}, got {tuple(k.shape)}")
+    if D is not None:
+        check_tensor(fn, "D", D, dtypes=FLOAT_DTYPES)
+        if tuple(D.shape) != (H,):
+            raise ValueError(f"{fn}: D must have shape (H,) = ({H},), got {tuple(D.shape)}")
+    for name, gate in (("pregate", pregate), ("postgate", postgate)):
+        if gate is not None:
+            check_tensor(fn, name, gate, dtypes=FLOAT_DTYPES)
+            if gate.shape != u.shape:
+                raise ValueError(f"{fn}: {name} must have the shape of u {tuple(u.shape)}, got {tuple(gate.shape)}")
+    check_same_device(fn, u=u, k=k, D=D, pregate=pregate, postgate=postgate)
+    if _eager_value_checks():
+        for name, value in (("k", k), ("D", D)):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{fn}: {name} has non-finite values (NaN or Inf)")
+    backend = backend_for("ssm.fft_conv", u).backend
+    if backend == "reference":
+        return reference.fft_conv(u, k, D, bidirectional=bidirectional, pregate=pregate, postgate=postgate)
+    return _fft_conv_op(u, k, D, pregate, postgate, bidirectional, backend)
