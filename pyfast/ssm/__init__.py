@@ -3,17 +3,19 @@
     K = pyfast.ssm.s4d_kernel(dt, A, C, L)          # (channels, H, L) from diagonal complex A
     y = pyfast.ssm.fft_conv(u, K[0], D)              # (B, H, L) causal long convolution + skip
 """
-from . import reference
-from .ops import fft_conv, s4d_kernel
+from . import nn, reference
+from .ops import fft_conv, s4d_kernel, s4d_kernel_real
 from .reference import PTDInit, s4_ptd_init, s4d_inv_init, s4d_legs_init, s4d_lin_init, s4d_step
 
 __all__ = [
     "PTDInit",
     "fft_conv",
+    "nn",
     "reference",
     "s4_ptd_init",
     "s4d_inv_init",
     "s4d_kernel",
+    "s4d_kernel_real",
     "s4d_legs_init",
     "s4d_lin_init",
     "s4d_step",

@@ -190,6 +190,29 @@ def s4d_kernel(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str 
     )
 
 
+def s4d_kernel_real(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str = "zoh") -> Tensor:
+    """`s4d_kernel` with ``A (H, N, 2)`` and ``C (channels, H, N, 2)`` as real ``(re, im)`` pairs (the
+    layout of ``torch.view_as_real``). Layers call this form: no complex tensor then enters a
+    ``torch.compile`` graph, the complex arithmetic stays inside the custom op."""
+    fn = "s4d_kernel_real"
+    check_tensor(fn, "A", A, ndim=3, dims="(H, N, 2)", dtypes=REAL_DTYPES)
+    check_tensor(fn, "C", C, ndim=4, dims="(channels, H, N, 2)", dtypes=REAL_DTYPES)
+    for name, value in (("A", A), ("C", C)):
+        if value.shape[-1] != 2:
+            raise ValueError(f"{fn}: {name} must end in a (re, im) axis of size 2, got shape {tuple(value.shape)}")
+    if torch.compiler.is_compiling():  # shape checks only; the complex views would enter the graph
+        check_tensor(fn, "dt", dt, ndim=1, dims="(H,)", dtypes=(A.dtype,))
+    else:
+        check_ssm_params(fn, dt, torch.view_as_complex(A.contiguous()), torch.view_as_complex(C.contiguous()))
+    check_int(fn, "L", L, low=1, what="kernel length")
+    check_choice(fn, "discretization", discretization, DISCRETIZATIONS)
+    backend = backend_for("ssm.s4d_kernel", dt).backend
+    if backend == "reference":
+        A, C = (torch.view_as_complex(t.contiguous()) for t in (A, C))
+        return reference.s4d_kernel(dt, A, C, L, discretization=discretization)
+    return _s4d_kernel_op(dt.contiguous(), A.contiguous(), C.contiguous(), L, discretization, backend)
+
+
 # --------------------------------------------------------------------------------------------------
 # fft_conv
 # --------------------------------------------------------------------------------------------------
