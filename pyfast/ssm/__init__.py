@@ -4,8 +4,8 @@
     y = pyfast.ssm.fft_conv(u, K[0], D)              # (B, H, L) causal long convolution + skip
 """
 from . import nn, reference
-from .ops import fft_conv, s4d_kernel, s4d_kernel_real
-from .reference import PTDInit, s4_ptd_init, s4d_inv_init, s4d_legs_init, s4d_lin_init, s4d_step
+from .ops import fft_conv, s4d_kernel, s4d_kernel_real, s4d_step
+from .reference import PTDInit, s4_ptd_init, s4d_inv_init, s4d_legs_init, s4d_lin_init
 
 __all__ = [
     "PTDInit",

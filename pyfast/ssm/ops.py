@@ -214,6 +214,39 @@ def s4d_kernel_real(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization:
 
 
 # --------------------------------------------------------------------------------------------------
+# s4d_step
+# --------------------------------------------------------------------------------------------------
+
+
+def s4d_step(
+    state: Tensor, u_t: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+    *, discretization: str = "zoh",
+) -> Tuple[Tensor, Tensor]:
+    """One recurrent step for generation: ``x' = Abar x + Bbar u_t``, ``y = 2 Re(C x') + D u_t``.
+
+    Args: ``state (batch, H, N)`` complex, ``u_t (batch, H)`` real, ``dt (H,)`` > 0, ``A, B, C (H, N)``
+    complex (precision of dt), ``D (H,)`` or None. Returns ``(y (batch, H), new state)``. Stepping
+    from a zero state equals ``fft_conv(u, s4d_kernel(dt, A, (B * C)[None], L)[0], D)``. Elementwise
+    work per step: it runs the reference on every device.
+    """
+    fn = "s4d_step"
+    check_ssm_params(fn, dt, A, C.unsqueeze(0) if isinstance(C, Tensor) else C)
+    check_tensor(fn, "B", B, ndim=2, dims="(H, N)")
+    if B.shape != A.shape or B.dtype != A.dtype:
+        raise ValueError(f"{fn}: B must match A {tuple(A.shape)} {A.dtype}, got {tuple(B.shape)} {B.dtype}")
+    check_tensor(fn, "u_t", u_t, ndim=2, dims="(batch, H)", dtypes=FLOAT_DTYPES)
+    check_tensor(fn, "state", state, ndim=3, dims="(batch, H, N)", dtypes=(A.dtype,))
+    if state.shape != (u_t.shape[0], *A.shape):
+        raise ValueError(f"{fn}: state must have shape (batch, H, N) = {(u_t.shape[0], *A.shape)}, got {tuple(state.shape)}")
+    if u_t.shape[1] != A.shape[0]:
+        raise ValueError(f"{fn}: u_t must have shape (batch, H) with H = {A.shape[0]}, got {tuple(u_t.shape)}")
+    if D is not None and tuple(D.shape) != (A.shape[0],):
+        raise ValueError(f"{fn}: D must have shape (H,) = ({A.shape[0]},), got {tuple(D.shape)}")
+    check_choice(fn, "discretization", discretization, DISCRETIZATIONS)
+    return reference.s4d_step(state, u_t, dt, A, B, C, D, discretization=discretization)
+
+
+# --------------------------------------------------------------------------------------------------
 # fft_conv
 # --------------------------------------------------------------------------------------------------
 
