@@ -15,6 +15,7 @@ from torch import Tensor
 from .._backend import backend_for, register_op
 from .._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor, value_checks_enabled
 from . import _fft_conv, reference
+from .companion import companion_kernel_fft, is_stable
 from .reference import DISCRETIZATIONS
 
 REAL_DTYPES = (torch.float32, torch.float64)
@@ -211,6 +212,44 @@ def s4d_kernel_real(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization:
         A, C = (torch.view_as_complex(t.contiguous()) for t in (A, C))
         return reference.s4d_kernel(dt, A, C, L, discretization=discretization)
     return _s4d_kernel_op(dt.contiguous(), A.contiguous(), C.contiguous(), L, discretization, backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# companion_kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def companion_kernel(a: Tensor, b: Tensor, c: Tensor, L: int) -> Tensor:
+    """SpaceTime companion SSM kernel ``K[h, l] = c_h^T A_h^l b_h`` with ``A_h`` the shift matrix plus
+    last column ``a_h``, by the transfer-function FFT algorithm of `pyfast.ssm.companion` (no L
+    matrix powers). Torch code on every device; differentiable by autograd.
+
+    Args: ``a, b, c (H, d)`` float32/float64, the eigenvalues of each ``A_h`` inside the unit circle;
+    ``L >= 1``. Returns ``K (H, L)`` in ``a.dtype``.
+    """
+    fn = "companion_kernel"
+    for name, value in (("a", a), ("b", b), ("c", c)):
+        check_tensor(fn, name, value, ndim=2, dims="(H, d)", dtypes=REAL_DTYPES)
+    if not (a.shape == b.shape == c.shape) or not (a.dtype == b.dtype == c.dtype):
+        raise ValueError(
+            f"{fn}: a, b and c must share shape (H, d) and dtype, got {tuple(a.shape)} {a.dtype}, "
+            f"{tuple(b.shape)} {b.dtype}, {tuple(c.shape)} {c.dtype}"
+        )
+    if a.shape[1] < 1:
+        raise ValueError(f"{fn}: the state size d must be >= 1, got shape {tuple(a.shape)}")
+    check_int(fn, "L", L, low=1, what="kernel length")
+    check_same_device(fn, a=a, b=b, c=c)
+    if _eager_value_checks():
+        for name, value in (("a", a), ("b", b), ("c", c)):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{fn}: {name} has non-finite values (NaN or Inf)")
+        unstable = (~is_stable(a)).nonzero().flatten().tolist()
+        if unstable:
+            raise ValueError(
+                f"{fn}: the companion matrices must be stable (all |eigenvalues| < 1), got "
+                f"{len(unstable)} unstable row(s) of a, first {unstable[:5]}"
+            )
+    return companion_kernel_fft(a, b, c, L)
 
 
 # --------------------------------------------------------------------------------------------------

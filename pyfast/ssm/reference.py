@@ -160,6 +160,31 @@ def fft_conv_direct(
 
 
 # --------------------------------------------------------------------------------------------------
+# Companion (SpaceTime) kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def companion_matrix(a: Tensor) -> Tensor:
+    """``A (H, d, d)``: ones on the subdiagonal (the shift ``A e_i = e_{i+1}``) and last column ``a (H, d)``."""
+    H, d = a.shape
+    A = torch.diag_embed(a.new_ones(H, d - 1), offset=-1)
+    A[:, :, -1] = a
+    return A
+
+
+def companion_kernel_matrix_power(a: Tensor, b: Tensor, c: Tensor, L: int) -> Tensor:
+    """SpaceTime companion SSM kernel by its definition ``K[h, l] = c_h^T A_h^l b_h``, ``(H, L)``,
+    one matrix-vector product per position (small sizes only). ``a, b, c (H, d)`` real."""
+    A = companion_matrix(a)
+    state = b.unsqueeze(-1)
+    out = []
+    for _ in range(L):
+        out.append((c.unsqueeze(-2) @ state)[..., 0, 0])
+        state = A @ state
+    return torch.stack(out, -1)
+
+
+# --------------------------------------------------------------------------------------------------
 # Initializations
 # --------------------------------------------------------------------------------------------------
 
