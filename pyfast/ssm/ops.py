@@ -269,8 +269,9 @@ def s4d_step(
     work per step: it runs the reference on every device.
     """
     fn = "s4d_step"
-    check_ssm_params(fn, dt, A, C.unsqueeze(0) if isinstance(C, Tensor) else C)
-    check_tensor(fn, "B", B, ndim=2, dims="(H, N)")
+    for name, value in (("B", B), ("C", C)):
+        check_tensor(fn, name, value, ndim=2, dims="(H, N)")
+    check_ssm_params(fn, dt, A, C.unsqueeze(0))
     if B.shape != A.shape or B.dtype != A.dtype:
         raise ValueError(f"{fn}: B must match A {tuple(A.shape)} {A.dtype}, got {tuple(B.shape)} {B.dtype}")
     check_tensor(fn, "u_t", u_t, ndim=2, dims="(batch, H)", dtypes=FLOAT_DTYPES)

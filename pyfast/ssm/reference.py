@@ -210,9 +210,10 @@ def hippo_legs(size: int) -> Tensor:
 
 
 def _upper_half(eigenvalues: Tensor, N: int) -> Tensor:
-    """N eigenvalues of a real 2N-matrix, one per conjugate pair (Im >= 0), smallest |Im| first."""
-    keep = eigenvalues[eigenvalues.imag >= 0]
-    return keep[torch.argsort(keep.imag, stable=True)][:N]
+    """Indices of N eigenvalues of a real 2N-matrix, one per conjugate pair (Im >= 0; real ones
+    count as their own pair), smallest Im first."""
+    upper = (eigenvalues.imag >= 0).nonzero().flatten()
+    return upper[torch.argsort(eigenvalues.imag[upper], stable=True)][:N]
 
 
 def s4d_legs_init(H: int, N: int, dtype: torch.dtype = torch.complex64) -> Tensor:
@@ -220,7 +221,8 @@ def s4d_legs_init(H: int, N: int, dtype: torch.dtype = torch.complex64) -> Tenso
     HiPPO-LegS of size 2N, one per conjugate pair, ``(H, N)`` (real parts are -1/2)."""
     P = (torch.arange(2 * N, dtype=torch.float64) + 0.5).sqrt()
     normal = hippo_legs(2 * N) + P.unsqueeze(1) * P.unsqueeze(0)
-    return _upper_half(torch.linalg.eigvals(normal), N).expand(H, N).to(dtype).clone()
+    eigenvalues = torch.linalg.eigvals(normal)
+    return eigenvalues[_upper_half(eigenvalues, N)].expand(H, N).to(dtype).clone()
 
 
 class PTDInit(NamedTuple):
@@ -253,7 +255,7 @@ def s4_ptd_init(
     condition = float(torch.linalg.cond(V))
     B_H = (2 * torch.arange(2 * N, dtype=torch.float64) + 1).sqrt().to(V.dtype)
     B = torch.linalg.solve(V, B_H)
-    order = torch.argsort(eigenvalues.imag.abs() + (eigenvalues.imag < 0) * 1e300, stable=True)[:N]
+    order = _upper_half(eigenvalues, N)
     lam = eigenvalues[order]
     lam = torch.complex(-lam.real.abs().clamp_min(1e-4), lam.imag)
     return PTDInit(lam.expand(H, N).to(dtype).clone(), B[order].expand(H, N).to(dtype).clone(), condition, perturbation)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import pyfast
 from kernel_cases import assert_close
 from pyfast.ssm import reference
 from pyfast.ssm.nn import S4D

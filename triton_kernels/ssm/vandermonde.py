@@ -15,8 +15,6 @@ import triton.language as tl
 
 from ... import _alloc
 
-TWO_PI = 6.283185307179586
-
 
 @triton.jit
 def _powers(wr, wi, pos):
