@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_tensor
 from . import reference
-from .ops import fft_conv, s4d_kernel_real
+from .ops import companion_kernel, fft_conv, s4d_kernel_real
 
 _INITS = {"lin": reference.s4d_lin_init, "inv": reference.s4d_inv_init, "legs": reference.s4d_legs_init}
 _ACTIVATIONS = {"gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh, "identity": nn.Identity}
@@ -86,3 +86,58 @@ class S4D(nn.Module):
         y, state = reference.s4d_step(state, u_t.float(), torch.exp(self.log_dt), A, torch.ones_like(A), C, self.D,
                                       discretization=self.discretization)
         return self.activation(y).to(u_t.dtype), state
+
+
+class SpaceTime(nn.Module):
+    """Companion-matrix SSM layer (SpaceTime): ``y = u * K + D u`` per channel with
+    ``K[l] = c^T A^l b``, ``A = shift + last column a`` (`companion_kernel`), ``u (B, H, L)``.
+
+    `step` runs the recurrence ``x' = A x + b u_t``, ``y_t = c^T x' + D u_t`` (equal to the
+    convolution); `forecast` runs closed loop: after a context, each output becomes the layer's
+    next input, for as many steps as asked.
+
+    Args: d_model H, d_state d. ``a`` starts small (eigenvalues well inside the unit circle).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 64):
+        super().__init__()
+        check_int("SpaceTime", "d_model", d_model, low=1)
+        check_int("SpaceTime", "d_state", d_state, low=1)
+        H, d = d_model, d_state
+        self.a = nn.Parameter(torch.randn(H, d) * 0.5 / d)
+        self.b = nn.Parameter(torch.randn(H, d) / math.sqrt(d))
+        self.c = nn.Parameter(torch.randn(H, d) / math.sqrt(d))
+        self.D = nn.Parameter(torch.randn(H))
+
+    def forward(self, u: Tensor) -> Tensor:
+        """``u (B, H, L)`` -> ``(B, H, L)``."""
+        return fft_conv(u, companion_kernel(self.a, self.b, self.c, u.shape[-1]), self.D)
+
+    def initial_state(self, batch: int) -> Tensor:
+        """Zero state ``(batch, H, d)``."""
+        return self.a.new_zeros(batch, *self.a.shape)
+
+    def step(self, u_t: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """One position: ``u_t (B, H)`` -> ``(y_t (B, H), new state (B, H, d))``."""
+        check_tensor("SpaceTime.step", "u_t", u_t, ndim=2, dims="(B, H)")
+        # A x = shift(x) + a x_last: the companion structure makes the product O(d).
+        shifted = torch.nn.functional.pad(state[..., :-1], (1, 0))
+        state = shifted + self.a * state[..., -1:] + self.b * u_t.unsqueeze(-1).to(state.dtype)
+        y = (self.c * state).sum(-1) + self.D * u_t
+        return y.to(u_t.dtype), state
+
+    def forecast(self, context: Tensor, horizon: int) -> Tensor:
+        """Closed-loop forecast: run ``context (B, H, L)`` through the recurrence, then feed each
+        output back as the next input for ``horizon`` steps. Returns ``(B, H, horizon)``."""
+        check_tensor("SpaceTime.forecast", "context", context, ndim=3, dims="(B, H, L)")
+        check_int("SpaceTime.forecast", "horizon", horizon, low=0)
+        if context.shape[-1] < 1:
+            raise ValueError(f"SpaceTime.forecast: context must hold at least one position, got {tuple(context.shape)}")
+        state = self.initial_state(context.shape[0])
+        for t in range(context.shape[-1]):
+            y, state = self.step(context[..., t], state)
+        outputs = []
+        for _ in range(horizon):
+            outputs.append(y)
+            y, state = self.step(y, state)
+        return torch.stack(outputs, -1) if outputs else context.new_zeros(*context.shape[:2], 0)
