@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 from ._backend import BACKENDS, backend_for, get_backend, use_backend  # noqa: E402
 from ._checks import set_value_checks, value_checks_enabled  # noqa: E402
-from . import moe  # noqa: E402
+from . import influence, moe  # noqa: E402
 
 __all__ = [
     "BACKENDS",
@@ -16,5 +16,6 @@ __all__ = [
     "use_backend",
     "set_value_checks",
     "value_checks_enabled",
+    "influence",
     "moe",
 ]
