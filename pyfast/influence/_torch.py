@@ -99,7 +99,7 @@ def _token_scores(query, a: Tensor, s: Tensor, mask: Optional[Tensor]) -> Tensor
         s_rows = s[rows].to(acc).reshape(-1, d_out)
         a_proj = (a_rows @ a_map).reshape(-1, q, width)
         s_proj = s_rows.unsqueeze(1) if s_map is None else (s_rows @ s_map).reshape(-1, q, width)
-        out[:, rows] = (a_proj * s_proj).sum(dim=-1).T.reshape(q, -1, T)
+        out[:, rows] = (a_proj * s_proj).sum(dim=-1).T.reshape(q, rows.stop - rows.start, T)
     return out
 
 
