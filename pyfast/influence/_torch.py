@@ -45,15 +45,28 @@ def covariance(x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
 
 
 def _rotated_gradients(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, mask: Optional[Tensor]) -> Iterator[Tuple[slice, Tensor]]:
-    """Chunks of ``G~_n = (s_n Q_S)^T (a_n Q_A) = Q_S^T G_n Q_A``: ``(chunk, d_out, d_in)``."""
+    """Chunks of ``G~_n = Q_S^T G_n Q_A``: ``(chunk, d_out, d_in)``.
+
+    Each basis is applied where it is cheaper: to the T tokens before the contraction
+    (``(s Q_S)^T (a Q_A)``, T d^2 flops per example) or to the gradient after it (d_out d_in d)."""
     acc = compute_dtype(a.dtype)
     Q_A, Q_S = Q_A.to(acc), Q_S.to(acc)
-    b, _, d_in = a.shape
+    b, T, d_in = a.shape
     d_out = s.shape[-1]
+    rotate_a_tokens, rotate_s_tokens = T <= d_out, T <= d_in
     for rows in _chunks(b, d_out * d_in * torch.finfo(acc).bits // 8):
-        a_rot = _masked(a[rows], None if mask is None else mask[rows], acc) @ Q_A
-        s_rot = s[rows].to(acc) @ Q_S
-        yield rows, torch.bmm(s_rot.transpose(1, 2), a_rot)
+        a_rows = _masked(a[rows], None if mask is None else mask[rows], acc)
+        s_rows = s[rows].to(acc)
+        if rotate_a_tokens:
+            a_rows = a_rows @ Q_A
+        if rotate_s_tokens:
+            s_rows = s_rows @ Q_S
+        G = torch.bmm(s_rows.transpose(1, 2), a_rows)
+        if not rotate_a_tokens:
+            G = G @ Q_A
+        if not rotate_s_tokens:
+            G = Q_S.T @ G
+        yield rows, G
 
 
 def lambda_correction(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -104,16 +117,21 @@ def _token_scores(query, a: Tensor, s: Tensor, mask: Optional[Tensor]) -> Tensor
 
 
 def pairwise_scores(query, a: Tensor, s: Tensor, mask: Optional[Tensor], per_token: bool) -> Tensor:
-    b, T, _ = a.shape
-    q = query.left.shape[0] if isinstance(query, LowRankQuery) else query.shape[0]
-    # Per token, s_t^T P a_t costs q*T flops per weight and example; forming G_n costs T + q.
-    if per_token or isinstance(query, LowRankQuery) or q * T <= q + T:
+    """``(q, b)`` (or ``(q, b, T)``) scores by whichever contraction order costs fewer flops: per token
+    (``b T q r (d_in + d_out)`` for rank r, ``b T q d_in d_out`` dense) or through chunks of G_n
+    (``b d_out d_in (T + q)``, plus ``q r d_out d_in`` to multiply out a low-rank query)."""
+    b, T, d_in = a.shape
+    d_out = s.shape[-1]
+    low_rank = isinstance(query, LowRankQuery)
+    q = query.left.shape[0] if low_rank else query.shape[0]
+    token_cost = b * T * q * (query.left.shape[2] * (d_in + d_out) if low_rank else d_in * d_out)
+    gradient_cost = d_out * d_in * (b * (T + q) + (q * query.left.shape[2] if low_rank else 0))
+    if per_token or token_cost <= gradient_cost:
         scores = _token_scores(query, a, s, mask)
         return scores if per_token else scores.sum(dim=-1)
     acc = compute_dtype(a.dtype)
-    P = query.to(acc).reshape(q, -1)
+    P = (query.left.to(acc) @ query.right.to(acc) if low_rank else query.to(acc)).reshape(q, -1)
     out = torch.empty(q, b, dtype=acc, device=a.device)
-    d_out, d_in = query.shape[1:]
     for rows in _chunks(b, d_out * d_in * torch.finfo(acc).bits // 8):
         a_rows = _masked(a[rows], None if mask is None else mask[rows], acc)
         G = torch.bmm(s[rows].to(acc).transpose(1, 2), a_rows)

@@ -10,7 +10,8 @@ from pyfast import influence
 from pyfast.influence import LowRankQuery, reference
 
 # (b, T, d_in, d_out)
-SHAPES = [(1, 1, 1, 1), (3, 7, 5, 4), (2, 37, 19, 23), (3, 5, 70, 33)]
+# The torch path rotates tokens or gradients by cost: T > both dims, T < both, and in between.
+SHAPES = [(1, 1, 1, 1), (3, 7, 5, 4), (2, 37, 19, 23), (3, 5, 70, 33), (2, 10, 6, 20)]
 
 
 def _inputs(path, shape, dtype, masked=True, transposed=False):
@@ -107,7 +108,7 @@ def test_pairwise_scores(torch_path, shape, q, per_token):
         assert_close(out, expected, dtype, f"pairwise_scores {dtype}")
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES + [(2, 40, 6, 5)])  # the last goes through G_n chunks
 @pytest.mark.parametrize("per_token", [False, True])
 def test_pairwise_scores_low_rank(torch_path, shape, per_token):
     path = torch_path
