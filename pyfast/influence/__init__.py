@@ -12,11 +12,13 @@
 gradients of the summed training loss w.r.t. the layer outputs.
 """
 from . import reference
+from .analyzer import Analyzer
 from .factors import EKFACFactors, Eigen, LowRankQuery
 from .ops import covariance, eigen_factors, lambda_correction, pairwise_scores, precondition, self_scores
 from .reference import append_bias_column, default_damping
 
 __all__ = [
+    "Analyzer",
     "EKFACFactors",
     "Eigen",
     "LowRankQuery",
