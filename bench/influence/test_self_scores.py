@@ -46,5 +46,6 @@ def test_self_scores(measure, expect_close, device, kronfluence_layer, shape, pr
         provider=provider,
         bytes_moved=(b * T * (d_in + d_out) + d_out * d_in + b) * 4,
         sizes=layer.sizes,
-        check=expect_close(_expected(shape), 1e-4, f"{provider} self_scores"),
+        # 1 / (Lambda + damping) spans decades: float32 sums lose more than 1e-4 here.
+        check=expect_close(_expected(shape), 1e-3, f"{provider} self_scores"),
     )

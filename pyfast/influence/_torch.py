@@ -18,7 +18,7 @@ from torch import Tensor
 from .factors import LowRankQuery
 from .reference import compute_dtype
 
-CHUNK_BYTES = 32 << 20
+CHUNK_BYTES = 64 << 20
 
 
 def _chunks(b: int, per_example_bytes: int) -> Iterator[slice]:
@@ -116,17 +116,26 @@ def _token_scores(query, a: Tensor, s: Tensor, mask: Optional[Tensor]) -> Tensor
     return out
 
 
-def pairwise_scores(query, a: Tensor, s: Tensor, mask: Optional[Tensor], per_token: bool) -> Tensor:
-    """``(q, b)`` (or ``(q, b, T)``) scores by whichever contraction order costs fewer flops: per token
-    (``b T q r (d_in + d_out)`` for rank r, ``b T q d_in d_out`` dense) or through chunks of G_n
-    (``b d_out d_in (T + q)``, plus ``q r d_out d_in`` to multiply out a low-rank query)."""
-    b, T, d_in = a.shape
-    d_out = s.shape[-1]
+def prefers_token_scores(query, a_shape, d_out: int) -> bool:
+    """Whether the per-token contraction costs fewer flops than forming G_n: per token
+    ``b T q r (d_in + d_out)`` for rank r, ``b T q d_in d_out`` dense; through G_n
+    ``b d_out d_in (T + q)``, plus ``q r d_out d_in`` to multiply out a low-rank query."""
+    b, T, d_in = a_shape
     low_rank = isinstance(query, LowRankQuery)
     q = query.left.shape[0] if low_rank else query.shape[0]
     token_cost = b * T * q * (query.left.shape[2] * (d_in + d_out) if low_rank else d_in * d_out)
     gradient_cost = d_out * d_in * (b * (T + q) + (q * query.left.shape[2] if low_rank else 0))
-    if per_token or token_cost <= gradient_cost:
+    return token_cost <= gradient_cost
+
+
+def pairwise_scores(query, a: Tensor, s: Tensor, mask: Optional[Tensor], per_token: bool) -> Tensor:
+    """``(q, b)`` (or ``(q, b, T)``) scores by the contraction order with fewer flops
+    (`prefers_token_scores`)."""
+    b, T, d_in = a.shape
+    d_out = s.shape[-1]
+    low_rank = isinstance(query, LowRankQuery)
+    q = query.left.shape[0] if low_rank else query.shape[0]
+    if per_token or prefers_token_scores(query, a.shape, d_out):
         scores = _token_scores(query, a, s, mask)
         return scores if per_token else scores.sum(dim=-1)
     acc = compute_dtype(a.dtype)

@@ -31,7 +31,7 @@ register_op("influence.covariance", triton=_GPU_FLOATS)
 register_op("influence.lambda_correction", triton=_GPU_FLOATS)
 register_op("influence.self_scores", triton=_GPU_FLOATS)
 register_op("influence.precondition")
-register_op("influence.pairwise_scores")
+register_op("influence.pairwise_scores", triton=_GPU_FLOATS)
 
 
 def _triton():
@@ -105,6 +105,10 @@ def _damping(fn: str, factors: EKFACFactors, damping: Optional[float]) -> float:
 def _inverse(factors: EKFACFactors, damping: float) -> Tensor:
     """``1 / (Lambda + damping)`` in float64."""
     return 1.0 / (factors.Lambda.to(torch.float64) + damping)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _float_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -192,7 +196,7 @@ def eigen_factors(A: Tensor, S: Tensor, *, name: str = "layer") -> Eigen:
 
 @torch.library.custom_op("pyfast::influence_lambda_correction", mutates_args=())
 def _lambda_correction_op(a_rot: Tensor, s_rot: Tensor, exact: bool, backend: str) -> Tensor:
-    return _triton().rotated_gradient_squares(a_rot, s_rot, None, exact)
+    return _triton().gradient_squares(a_rot, s_rot, exact)
 
 
 @_lambda_correction_op.register_fake
@@ -202,7 +206,7 @@ def _(a_rot, s_rot, exact, backend):
 
 @torch.library.custom_op("pyfast::influence_self_scores", mutates_args=())
 def _self_scores_op(a_rot: Tensor, s_rot: Tensor, inverse: Tensor, exact: bool, backend: str) -> Tensor:
-    return _triton().rotated_gradient_squares(a_rot, s_rot, inverse, exact)
+    return _triton().weighted_gradient_squares(a_rot, s_rot, inverse, exact)
 
 
 @_self_scores_op.register_fake
@@ -314,6 +318,16 @@ def precondition(
     return P if rank is None else reference.low_rank(P, rank)
 
 
+@torch.library.custom_op("pyfast::influence_pairwise_scores", mutates_args=())
+def _pairwise_scores_op(a: Tensor, s: Tensor, queries: Tensor, exact: bool, backend: str) -> Tensor:
+    return _triton().gradient_inner_products(a, s, queries, exact)
+
+
+@_pairwise_scores_op.register_fake
+def _(a, s, queries, exact, backend):
+    return a.new_empty((queries.shape[0], a.shape[0]), dtype=torch.float32)
+
+
 def _query_shape(fn: str, query) -> tuple:
     """(q, d_out, d_in) of a dense or low-rank query, validated."""
     if isinstance(query, LowRankQuery):
@@ -359,6 +373,13 @@ def pairwise_scores(
     _check_finite(fn, "s", s)
     for part in parts:
         _check_finite(fn, "query", part)
-    if _path("influence.pairwise_scores", a) == "reference":
+    path = _path("influence.pairwise_scores", a)
+    if path == "reference":
         return reference.pairwise_scores(query, a, s, mask, per_token)
+    # The fused kernel forms G_n tile by tile; per-token scores and queries whose rank makes the
+    # per-token contraction cheaper run the torch code (GEMMs).
+    if path == "triton" and not per_token and not _torch.prefers_token_scores(query, a.shape, s.shape[-1]):
+        a32 = a.float() if mask is None else a.float() * mask.to(torch.float32).unsqueeze(-1)
+        queries = reference.dense_query(query).float().contiguous()
+        return _pairwise_scores_op(_unit_last_stride(a32), _unit_last_stride(s.float()), queries, a.dtype == torch.float32, path)
     return _torch.pairwise_scores(query, a, s, mask, per_token)

@@ -21,6 +21,7 @@ def sample_inputs(device, dtype):
         (ops.influence_covariance, (x, mask.reshape(-1).float(), "triton")),
         (ops.influence_lambda_correction, (a_rot, s_rot, exact, "triton")),
         (ops.influence_self_scores, (a_rot, s_rot, inverse, exact, "triton")),
+        (ops.influence_pairwise_scores, (a.float(), s.float(), torch.randn(2, 6, 5, device=device), exact, "triton")),
     ]
 
 
