@@ -55,6 +55,15 @@ def _check_finite(fn: str, name: str, t: Tensor) -> None:
         raise ValueError(f"{fn}: {name} has non-finite values (NaN or Inf)")
 
 
+def _finite_or_explain(fn: str, out: Tensor, **inputs: Tensor) -> Tensor:
+    """Value check after the fact: a NaN or Inf in any input reaches the (small) output, so only a
+    non-finite output pays for scanning the (large) inputs to name the culprit."""
+    if _eager_value_checks() and out.numel() and not bool(torch.isfinite(out).all()):
+        for name, t in inputs.items():
+            _check_finite(fn, name, t)
+    return out
+
+
 def _check_mask(fn: str, mask: Optional[Tensor], shape, what: str) -> None:
     if mask is None:
         return
@@ -148,13 +157,12 @@ def covariance(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         raise ValueError(f"{fn}: x must have at least 1 dimension (..., d), got a 0-d tensor")
     _check_mask(fn, mask, x.shape[:-1], "x.shape[:-1]")
     check_same_device(fn, x=x, mask=mask)
-    _check_finite(fn, "x", x)
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] == 0 or (_eager_value_checks() and mask is not None and not bool(mask.any())):
         raise ValueError(f"{fn}: no unmasked rows (x has {rows.shape[0]} rows, the mask excludes all of them)")
     path = _path("influence.covariance", x)
     if path == "reference":
-        return reference.covariance(x, mask)
+        return _finite_or_explain(fn, reference.covariance(x, mask), x=x)
     acc = compute_dtype(x.dtype)
     if path == "triton":
         flat_mask = _float_mask(None if mask is None else mask.reshape(-1), torch.float32)
@@ -162,7 +170,7 @@ def covariance(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         count = rows.new_tensor(rows.shape[0], dtype=acc) if mask is None else flat_mask.sum()
     else:
         total, count = _torch.covariance(x, mask)
-    return total / count
+    return _finite_or_explain(fn, total / count, x=x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -236,16 +244,16 @@ def lambda_correction(a: Tensor, s: Tensor, Q_A: Tensor, Q_S: Tensor, mask: Opti
     _check_basis(fn, "Q_A", Q_A, a.shape[-1])
     _check_basis(fn, "Q_S", Q_S, s.shape[-1])
     check_same_device(fn, a=a, Q_A=Q_A, Q_S=Q_S)
-    _check_finite(fn, "a", a)
-    _check_finite(fn, "s", s)
     if a.shape[0] == 0:
         raise ValueError(f"{fn}: a and s hold no examples (shape {tuple(a.shape)}); Lambda is a mean over examples")
     path = _path("influence.lambda_correction", a)
     if path == "reference":
-        return reference.lambda_correction(a, s, Q_A, Q_S, mask)
-    if path == "triton":
-        return _lambda_correction_op(*_rotate(a, s, Q_A, Q_S, mask), a.dtype == torch.float32, path) / a.shape[0]
-    return _torch.lambda_correction(a, s, Q_A, Q_S, mask)
+        out = reference.lambda_correction(a, s, Q_A, Q_S, mask)
+    elif path == "triton":
+        out = _lambda_correction_op(*_rotate(a, s, Q_A, Q_S, mask), a.dtype == torch.float32, path) / a.shape[0]
+    else:
+        out = _torch.lambda_correction(a, s, Q_A, Q_S, mask)
+    return _finite_or_explain(fn, out, a=a, s=s)
 
 
 def self_scores(
@@ -266,17 +274,15 @@ def self_scores(
     _check_factors(fn, factors, s.shape[-1], a.shape[-1])
     check_same_device(fn, a=a, Q_A=factors.Q_A)
     damping = _damping(fn, factors, damping)
-    _check_finite(fn, "a", a)
-    _check_finite(fn, "s", s)
     path = _path("influence.self_scores", a)
     if path == "reference":
-        return reference.self_scores(a, s, factors, damping, mask)
-    inverse = _inverse(factors, damping)
-    if path == "triton":
-        return _self_scores_op(
-            *_rotate(a, s, factors.Q_A, factors.Q_S, mask), inverse.float(), a.dtype == torch.float32, path
-        )
-    return _torch.self_scores(a, s, factors.Q_A, factors.Q_S, inverse, mask)
+        out = reference.self_scores(a, s, factors, damping, mask)
+    elif path == "triton":
+        rotated = _rotate(a, s, factors.Q_A, factors.Q_S, mask)
+        out = _self_scores_op(*rotated, _inverse(factors, damping).float(), a.dtype == torch.float32, path)
+    else:
+        out = _torch.self_scores(a, s, factors.Q_A, factors.Q_S, _inverse(factors, damping), mask)
+    return _finite_or_explain(fn, out, a=a, s=s)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,11 +316,11 @@ def precondition(
     damping = _damping(fn, factors, damping)
     if rank is not None:
         check_int(fn, "rank", rank, low=1)
-    _check_finite(fn, "V", V)
     if _path("influence.precondition", V) == "reference":
         P = reference.precondition(V, factors, damping)
     else:
         P = _torch.precondition(V, factors.Q_A, factors.Q_S, _inverse(factors, damping))
+    P = _finite_or_explain(fn, P, V=V)
     return P if rank is None else reference.low_rank(P, rank)
 
 
@@ -367,12 +373,15 @@ def pairwise_scores(
             f"{fn}: query must be (queries, d_out={s.shape[-1]}, d_in={a.shape[-1]}) to match s and a, "
             f"got (.., {d_out}, {d_in})"
         )
-    parts = query if isinstance(query, LowRankQuery) else (query,)
-    check_same_device(fn, a=a, query=parts[0])
-    _check_finite(fn, "a", a)
-    _check_finite(fn, "s", s)
-    for part in parts:
-        _check_finite(fn, "query", part)
+    if isinstance(query, LowRankQuery):
+        named = {"query.left": query.left, "query.right": query.right}
+    else:
+        named = {"query": query}
+    check_same_device(fn, a=a, **named)
+    return _finite_or_explain(fn, _pairwise_scores(query, a, s, mask, per_token), a=a, s=s, **named)
+
+
+def _pairwise_scores(query, a: Tensor, s: Tensor, mask: Optional[Tensor], per_token: bool) -> Tensor:
     path = _path("influence.pairwise_scores", a)
     if path == "reference":
         return reference.pairwise_scores(query, a, s, mask, per_token)

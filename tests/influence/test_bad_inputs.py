@@ -43,6 +43,11 @@ BAD_CALLS = [
      r"pairwise_scores: query.right must have shape \(2, 3, d_in\)"),
     (lambda: influence.pairwise_scores(P.index_fill(0, torch.tensor([1]), float("nan")), A, S), ValueError, r"pairwise_scores: query has non-finite"),
     (lambda: influence.pairwise_scores(P, A, S, mask=MASK.float()[:2]), ValueError, r"pairwise_scores: mask must have shape \(3, 4\)"),
+    (lambda: influence.pairwise_scores(LowRankQuery(torch.randn(2, 6, 3), torch.full((2, 3, 5), float("inf"))), A, S), ValueError,
+     r"pairwise_scores: query.right has non-finite"),
+    (lambda: influence.self_scores(A, S.clone().index_fill(1, torch.tensor([3]), float("nan")), FACTORS, mask=MASK), ValueError,
+     r"self_scores: s has non-finite values"),  # also on masked tokens: padding must hold numbers
+    (lambda: influence.precondition(P.index_fill(1, torch.tensor([0]), float("inf")), FACTORS), ValueError, r"precondition: V has non-finite"),
     (lambda: influence.self_scores(A, S, FACTORS, damping=0), ValueError, r"self_scores: damping must be > 0, got 0"),
     (lambda: influence.self_scores(A, S, FACTORS._replace(Q_S=Q_A)), ValueError, r"self_scores: factors.Q_S must have shape \(6, 6\), got \(5, 5\)"),
 ]
