@@ -4,8 +4,9 @@ where no Triton kernel exists.
 Per-example gradients exist only as chunks of ``chunk x d_out x d_in`` (at most
 `CHUNK_BYTES`): each chunk is one batched GEMM over tokens, consumed at once (squared and summed
 for Lambda, reduced against ``1 / (Lambda + damping)`` for self scores, one GEMM against the
-queries for pairwise scores). Low-rank queries and per-token scores never form a gradient at all:
-``<P, s_t a_t^T> = s_t^T P a_t``, and with ``P = L R`` that is ``(L^T s_t) . (R a_t)``.
+queries for pairwise scores). Per-token scores, and queries whose rank makes it cheaper, never
+form a gradient at all: ``<P, s_t a_t^T> = s_t^T P a_t``, and with ``P = L R`` that is
+``(L^T s_t) . (R a_t)``.
 Inputs are cast to the accumulation dtype (float32, or float64 for float64 inputs) chunk by chunk.
 """
 from __future__ import annotations
@@ -131,7 +132,7 @@ def prefers_token_scores(query, a_shape, d_out: int) -> bool:
 def pairwise_scores(query, a: Tensor, s: Tensor, mask: Optional[Tensor], per_token: bool) -> Tensor:
     """``(q, b)`` (or ``(q, b, T)``) scores by the contraction order with fewer flops
     (`prefers_token_scores`)."""
-    b, T, d_in = a.shape
+    b, _, d_in = a.shape
     d_out = s.shape[-1]
     low_rank = isinstance(query, LowRankQuery)
     q = query.left.shape[0] if low_rank else query.shape[0]
