@@ -59,17 +59,26 @@ class OpKernels:
     name: str
     dtypes: Dict[str, Tuple[torch.dtype, ...]] = field(default_factory=dict)
     gpu_preference: Tuple[str, ...] = ("triton", "cuda")
+    # What the ``cpu`` backend runs when it is pyfast's own torch code rather than a pyfast._C kernel
+    # (no compiled kernel beat torch there); None for a pyfast._C kernel.
+    cpu_path: Optional[str] = None
 
 
 _OPS: Dict[str, OpKernels] = {}
 
 
-def register_op(name: str, **dtypes: Tuple[torch.dtype, ...]) -> OpKernels:
-    """Declare op ``name`` (e.g. ``"moe.topk_gating"``) and the dtypes each kernel backend covers."""
+def register_op(name: str, *, cpu_path: Optional[str] = None, **dtypes: Tuple[torch.dtype, ...]) -> OpKernels:
+    """Declare op ``name`` (e.g. ``"moe.topk_gating"``) and the dtypes each kernel backend covers.
+
+    ``cpu_path`` describes the ``cpu`` backend when it is torch code (e.g. ``"torch GEMMs on mode
+    views"``) instead of a pyfast._C kernel; `backend_for` then says so.
+    """
     unknown = set(dtypes) - set(KERNEL_BACKENDS)
     if unknown:
         raise ValueError(f"register_op: unknown backends {sorted(unknown)} for {name}")
-    kernels = OpKernels(name, dict(dtypes))
+    if cpu_path is not None and "cpu" not in dtypes:
+        raise ValueError(f"register_op: cpu_path given for {name} without cpu dtypes")
+    kernels = OpKernels(name, dict(dtypes), cpu_path=cpu_path)
     _OPS[name] = kernels
     return kernels
 
@@ -94,7 +103,9 @@ def _unavailable(op: OpKernels, backend: str, tensor: torch.Tensor) -> Optional[
         return f"the {backend} kernel of {op.name} does not cover {tensor.dtype}"
     if backend == "cpu":
         if tensor.device.type != "cpu":
-            return f"pyfast._C runs CPU tensors, got a {tensor.device.type} tensor"
+            return f"the cpu backend runs CPU tensors, got a {tensor.device.type} tensor"
+        if op.cpu_path is not None:
+            return None
         return None if _ext.cpu is not None else f"pyfast._C is unavailable: {_ext.cpu_error}"
     if backend == "cuda":
         if tensor.device.type != "cuda":
@@ -128,6 +139,7 @@ def backend_for(op: str, tensor: torch.Tensor) -> Choice:
     for backend in candidates:
         why = _unavailable(kernels, backend, tensor)
         if why is None:
-            return Choice(backend, f"{backend} kernel for {tensor.dtype} on {tensor.device.type}")
+            what = f"{backend} kernel" if backend != "cpu" or kernels.cpu_path is None else kernels.cpu_path
+            return Choice(backend, f"{what} for {tensor.dtype} on {tensor.device.type}")
         reasons.append(why)
     return Choice("reference", "; ".join(reasons) or f"no kernel for {tensor.device.type} tensors")

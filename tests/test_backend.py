@@ -65,3 +65,11 @@ def test_works_without_compiled_module():
 
 def test_compiled_module_loaded_here():
     assert _ext.cpu is not None, _ext.cpu_error
+
+
+def test_cpu_path_of_torch_code_is_named():
+    choice = pyfast.backend_for("ssm.fft_conv", torch.zeros(2, 2))
+    assert choice.backend == "cpu"
+    assert choice.reason.startswith("torch.fft"), choice.reason
+    with pytest.raises(ValueError, match="cpu_path given for x.y without cpu dtypes"):
+        pyfast._backend.register_op("x.y", cpu_path="torch code")

@@ -39,7 +39,8 @@ from .ops import check_grid_vector, kron_mv
 COMPONENTS = reference.COMPONENTS
 _SQRT3, _SQRT5 = math.sqrt(3.0), math.sqrt(5.0)
 # The "cpu" path is the torch component loop below (no C++ kernel was written for it).
-register_op("gp.kernel_matrix", cpu=(torch.float32, torch.float64), triton=(torch.float32,))
+register_op("gp.kernel_matrix", cpu=(torch.float32, torch.float64), triton=(torch.float32,),
+            cpu_path="torch loop over mixture components")
 
 
 def _profile(d: Tensor, component: str, l: Tensor, derivatives: bool):

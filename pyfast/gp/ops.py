@@ -20,8 +20,9 @@ from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from . import _modes, reference
 
 _GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-register_op("gp.kron_mv", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS)
-register_op("gp.mode_product", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS)
+_CPU_PATH = "torch GEMMs on views of each mode (no permute copies)"
+register_op("gp.kron_mv", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_CPU_PATH)
+register_op("gp.mode_product", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_CPU_PATH)
 
 
 def _apply(backend: str):

@@ -27,11 +27,12 @@ from .reference import compute_dtype
 _GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int32, torch.int64) + FLOAT_DTYPES
 
-register_op("influence.covariance", triton=_GPU_FLOATS)
-register_op("influence.lambda_correction", triton=_GPU_FLOATS)
-register_op("influence.self_scores", triton=_GPU_FLOATS)
-register_op("influence.precondition")
-register_op("influence.pairwise_scores", triton=_GPU_FLOATS)
+_CPU_PATH = "chunked torch GEMMs (_torch.py)"
+register_op("influence.covariance", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_CPU_PATH)
+register_op("influence.lambda_correction", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_CPU_PATH)
+register_op("influence.self_scores", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_CPU_PATH)
+register_op("influence.precondition", cpu=FLOAT_DTYPES, cpu_path=_CPU_PATH)
+register_op("influence.pairwise_scores", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_CPU_PATH)
 
 
 def _triton():
@@ -39,11 +40,12 @@ def _triton():
 
 
 def _path(op: str, tensor: Tensor) -> str:
-    """``triton`` | ``reference`` | ``torch`` (the chunked torch code when no kernel covers the call)."""
+    """``triton`` | ``reference`` | ``torch`` (the chunked torch code: the CPU path, and the CUDA path
+    where no Triton kernel covers the call)."""
     if get_backend() == "reference":
         return "reference"
     choice = backend_for(op, tensor).backend
-    return "torch" if choice == "reference" else choice
+    return "torch" if choice in ("cpu", "reference") else choice
 
 
 def _eager_value_checks() -> bool:

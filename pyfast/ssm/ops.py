@@ -25,7 +25,7 @@ MAX_LENGTH = 1 << 20
 
 register_op("ssm.s4d_kernel", cpu=REAL_DTYPES, triton=(torch.float32,))
 # The CPU path of fft_conv is torch's FFT (pyfast/ssm/_fft_conv.py); CUDA tensors run the reference.
-register_op("ssm.fft_conv", cpu=FLOAT_DTYPES)
+register_op("ssm.fft_conv", cpu=FLOAT_DTYPES, cpu_path="torch.fft at a 5-smooth size with the gates and D skip in one pass")
 
 _KERNEL_MODULES = {"cpu": "pyfast.ssm._cpu", "triton": "pyfast.triton_kernels.ssm"}
 
