@@ -1,0 +1,20 @@
+"""Power-exponent quantization (PowerQuant / NUPES): a non-uniform grid ``sign(t)|t|^(1/a)``.
+
+    r = pyfast.quant.search_exponent(w, bits=4, group_size=128)          # exponent and clips
+    q = pyfast.quant.power_quantize(w, 4, r.exponent, clip=r.clip)       # packed codes + scales
+    y = pyfast.quant.power_linear(x, q)                                  # x W^T, W decoded on the fly
+"""
+from . import reference
+from .ops import dequantize, power_quantize, search_exponent
+from .reference import SUPPORTED_BITS, QuantizedTensor, SearchResult, levels
+
+__all__ = [
+    "QuantizedTensor",
+    "SUPPORTED_BITS",
+    "SearchResult",
+    "dequantize",
+    "levels",
+    "power_quantize",
+    "reference",
+    "search_exponent",
+]
