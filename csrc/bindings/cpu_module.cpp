@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfast CPU kernels (raw pointers, sizes, strides, dtype tags; no libtorch)";
   m.def("max_threads", &pyfast::max_threads, "OpenMP threads available to the kernels");
   pyfast::bindings::register_moe(m);
+  pyfast::bindings::register_quant(m);
 }

@@ -5,7 +5,7 @@
     y = pyfast.quant.power_linear(x, q)                                  # x W^T, W decoded on the fly
 """
 from . import reference
-from .ops import dequantize, power_quantize, search_exponent
+from .ops import dequantize, power_linear, power_quantize, search_exponent
 from .reference import SUPPORTED_BITS, QuantizedTensor, SearchResult, levels
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "SearchResult",
     "dequantize",
     "levels",
+    "power_linear",
     "power_quantize",
     "reference",
     "search_exponent",

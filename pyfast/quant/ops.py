@@ -184,3 +184,95 @@ def search_exponent(
     return reference.search_exponent(
         w, bits, group_size=group_size, candidates=candidates, clips=clips, x=x, symmetric=symmetric
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# power_linear: y = x W^T with W decoded from the packed codes inside the kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyfast::quant_power_linear", mutates_args=())
+def _power_linear_op(x: Tensor, codes: Tensor, scales: Tensor, table: Tensor, bits: int, group_size: int, backend: str) -> Tensor:
+    return _kernels(backend).power_linear_fwd(x, codes, scales, table, bits, group_size)
+
+
+@_power_linear_op.register_fake
+def _(x, codes, scales, table, bits, group_size, backend):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+@torch.library.custom_op("pyfast::quant_dequantize", mutates_args=())
+def _dequantize_op(
+    codes: Tensor, scales: Tensor, table: Tensor, bits: int, group_size: int, cols: int, dtype: torch.dtype, backend: str
+) -> Tensor:
+    return _kernels(backend).dequantize(codes, scales, table, bits, group_size, cols, dtype)
+
+
+@_dequantize_op.register_fake
+def _(codes, scales, table, bits, group_size, cols, dtype, backend):
+    return codes.new_empty((codes.shape[0], cols), dtype=dtype)
+
+
+def _power_linear_setup(ctx, inputs, output):
+    x, codes, scales, table, bits, group_size, backend = inputs
+    ctx.save_for_backward(codes, scales, table)
+    ctx.bits, ctx.group_size, ctx.cols, ctx.backend = bits, group_size, x.shape[1], backend
+
+
+def _power_linear_backward(ctx, grad_y):
+    # dL/dx = dL/dy W. The weight is frozen storage: codes, scales and table get no gradient
+    # (NUPES calibration differentiates the reference's fake quantization instead).
+    codes, scales, table = ctx.saved_tensors
+    w = _dequantize_op(codes, scales, table, ctx.bits, ctx.group_size, ctx.cols, torch.float32, ctx.backend)
+    grad_x = (grad_y.float() @ w).to(grad_y.dtype)
+    return grad_x, None, None, None, None, None, None
+
+
+_power_linear_op.register_autograd(_power_linear_backward, setup_context=_power_linear_setup)
+
+
+def _check_linear_weight(fn: str, q) -> QuantizedTensor:
+    _check_quantized(fn, q)
+    if len(q.shape) != 2 or q.axis != 1:
+        raise ValueError(
+            f"{fn}: q must be a quantized Linear weight (out_features, in_features) grouped along axis 1, "
+            f"got shape {q.shape} grouped along axis {q.axis}"
+        )
+    return q
+
+
+def _kernel_backend(op: str, x: Tensor, q: QuantizedTensor) -> str:
+    """Backend for this call; group sizes the kernels do not decode go to the reference."""
+    if q.group_size % KERNEL_GROUP_MULTIPLE:
+        return "reference"
+    return backend_for(op, x).backend
+
+
+def power_linear(x: Tensor, q: QuantizedTensor) -> Tensor:
+    """``y = x W^T`` with ``W = dequantize(q)`` decoded on the fly (never materialized for few rows).
+
+    Args:
+        x: ``(..., K)`` float32/float16/bfloat16/float64 activations.
+        q: a `QuantizedTensor` of a ``(N, K)`` weight grouped along K (``power_quantize(w, ...)``
+            with the default ``axis=-1``), on x's device.
+
+    Returns:
+        ``(..., N)`` in x.dtype, accumulated in float32 (float64 for float64 x). Differentiable
+        w.r.t. x; the quantized weight is frozen (no gradient to codes or scales).
+    """
+    fn = "power_linear"
+    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES)
+    _check_linear_weight(fn, q)
+    N, K = q.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"{fn}: x must have last dimension in_features = {K}, got shape {tuple(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"{fn}: q is on {q.device} but x is on {x.device}; move it with q.to(x.device)")
+    backend = _kernel_backend("quant.power_linear", x, q)
+    if backend == "reference":
+        return reference.power_linear(x, q)
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] and K > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = _power_linear_op(x2, q.codes.contiguous(), q.scales.float().contiguous(), q.table(), q.bits, q.group_size, backend)
+    return y.reshape(*x.shape[:-1], N)

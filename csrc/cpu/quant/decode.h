@@ -1,0 +1,117 @@
+// Decoding blocks of 8 codes of the bit-stream layout (quant.h) into 8 floats `scale * table[code]`.
+// ScalarDecoder runs anywhere; Avx2Decoder (compiled for AVX2 + FMA, selected at run time) looks the
+// codes up in registers: a 16-entry table is two 8-lane vperm lookups and a blend on bit 3.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PYFAST_QUANT_AVX2 1
+#endif
+
+namespace pyfast::cpu::quant {
+
+// The `Bits` bytes of one block of 8 codes as a little-endian word. (Whole-register loads and
+// shifts: a partial memcpy into a wider word would stall on store forwarding.)
+template <int Bits>
+inline std::uint64_t block_word(const std::uint8_t* block) {
+  if constexpr (Bits == 3) {
+    std::uint16_t low;
+    std::memcpy(&low, block, 2);
+    return low | (static_cast<std::uint64_t>(block[2]) << 16);
+  } else if constexpr (Bits == 4) {
+    std::uint32_t word;
+    std::memcpy(&word, block, 4);  // little-endian host (x86, aarch64)
+    return word;
+  } else {
+    std::uint64_t word;
+    std::memcpy(&word, block, 8);
+    return word;
+  }
+}
+
+template <int Bits>
+struct ScalarDecoder {
+  float table[1 << Bits];
+
+  void set_group(const float* base, float scale) {
+    for (int c = 0; c < (1 << Bits); ++c) table[c] = base[c] * scale;
+  }
+  void decode(const std::uint8_t* block, float* out) const {
+    const std::uint64_t word = block_word<Bits>(block);
+    for (int i = 0; i < 8; ++i) out[i] = table[(word >> (Bits * i)) & ((1u << Bits) - 1)];
+  }
+};
+
+#ifdef PYFAST_QUANT_AVX2
+#define PYFAST_AVX2 __attribute__((target("avx2,fma")))
+
+template <int Bits>
+struct Avx2Decoder;
+
+template <>
+struct Avx2Decoder<3> {
+  __m256 table;
+  PYFAST_AVX2 void set_group(const float* base, float scale) { table = _mm256_mul_ps(_mm256_loadu_ps(base), _mm256_set1_ps(scale)); }
+  PYFAST_AVX2 __m256 decode(const std::uint8_t* block) const {
+    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    const __m256i word = _mm256_set1_epi32(static_cast<int>(block_word<3>(block)));
+    return _mm256_permutevar8x32_ps(table, _mm256_srlv_epi32(word, shifts));  // vperm reads the low 3 bits
+  }
+};
+
+template <>
+struct Avx2Decoder<4> {
+  __m256 low, high;  // table[0..7], table[8..15]
+  PYFAST_AVX2 void set_group(const float* base, float scale) {
+    const __m256 s = _mm256_set1_ps(scale);
+    low = _mm256_mul_ps(_mm256_loadu_ps(base), s);
+    high = _mm256_mul_ps(_mm256_loadu_ps(base + 8), s);
+  }
+  PYFAST_AVX2 __m256 decode(const std::uint8_t* block) const {
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i codes = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(block_word<4>(block))), shifts);
+    const __m256 upper = _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28));  // bit 3 -> sign bit
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, codes), _mm256_permutevar8x32_ps(high, codes), upper);
+  }
+};
+
+template <>
+struct Avx2Decoder<8> {
+  const float* table;
+  __m256 scale;
+  PYFAST_AVX2 void set_group(const float* base, float s) {
+    table = base;
+    scale = _mm256_set1_ps(s);
+  }
+  PYFAST_AVX2 __m256 decode(const std::uint8_t* block) const {
+    const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block)));
+    return _mm256_mul_ps(_mm256_i32gather_ps(table, codes, 4), scale);
+  }
+};
+
+// The decoded block stored to out[0..8) (the interface ScalarDecoder offers).
+template <int Bits>
+struct Avx2StoringDecoder : Avx2Decoder<Bits> {
+  PYFAST_AVX2 void decode(const std::uint8_t* block, float* out) const {
+    _mm256_storeu_ps(out, Avx2Decoder<Bits>::decode(block));
+  }
+};
+
+PYFAST_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+inline bool has_avx2() { return false; }
+#endif
+
+}  // namespace pyfast::cpu::quant
