@@ -5,10 +5,13 @@
     y = pyfast.quant.power_linear(x, q)                                  # x W^T, W decoded on the fly
 """
 from . import reference
+from .nn import PowerQuantLinear, QuantizationReport, quantize_model
 from .ops import dequantize, power_linear, power_quantize, search_exponent
 from .reference import SUPPORTED_BITS, QuantizedTensor, SearchResult, levels
 
 __all__ = [
+    "PowerQuantLinear",
+    "QuantizationReport",
     "QuantizedTensor",
     "SUPPORTED_BITS",
     "SearchResult",
@@ -16,6 +19,7 @@ __all__ = [
     "levels",
     "power_linear",
     "power_quantize",
+    "quantize_model",
     "reference",
     "search_exponent",
 ]

@@ -120,25 +120,19 @@ def _from_rows(rows: Tensor, shape: Sequence[int], axis: int) -> Tensor:
 
 def _codes(wg: Tensor, scale: Tensor, bits: int, exponent, symmetric: bool) -> Tensor:
     """Codes (same shape as ``wg``, int64) of weights ``wg`` with broadcastable ``scale``."""
-    L = 2**bits
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     y = wg / safe
-    u = torch.sign(y) * y.abs() ** exponent
+    return _grid_codes(torch.sign(y) * y.abs() ** exponent, bits, symmetric)
+
+
+def _grid_codes(u: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """Codes of transformed values ``u``: the nearest grid point, ties to even."""
+    L = 2**bits
     if symmetric:
         pos = (u.clamp(-1.0, 1.0) + 1.0) * ((L - 1) / 2)
     else:
         pos = u.clamp(-1.0, 1.0 - 2.0 / L) * (L / 2) + L / 2
     return torch.round(pos).clamp(0, L - 1).to(torch.int64)
-
-
-def _fake_quant(wg: Tensor, scale: Tensor, bits: int, exponent, symmetric: bool, table: Tensor) -> Tensor:
-    """Quantize-dequantize ``wg`` with per-group ``scale`` and the level ``table`` (batched over
-    leading candidate axes of ``exponent`` / ``table``)."""
-    codes = _codes(wg, scale, bits, exponent, symmetric)
-    if table.dim() == 2:  # (E, L): candidate e reads row e, codes have E leading
-        rows = torch.arange(table.shape[0], device=codes.device) * table.shape[1]
-        codes = codes + rows.reshape(-1, *([1] * (codes.dim() - 1)))
-    return table.reshape(-1)[codes] * scale
 
 
 def power_quantize(
@@ -249,22 +243,32 @@ def search_exponent(
     a = torch.tensor(candidates, dtype=acc, device=w.device)
     r = torch.tensor(clips, dtype=acc, device=w.device)
     table = levels(bits, a, symmetric, acc).to(w.device)  # (E, L)
-    H = None
-    weight = torch.ones(1, K, dtype=acc, device=w.device)
+    L = 2**bits
+    step_inv, offset = ((L - 1) / 2, (L - 1) / 2) if symmetric else (L / 2, L / 2)
+    table_rows = (torch.arange(len(candidates), dtype=acc, device=w.device) * L)[:, None, None, None, None]
+    H = weight = None
     if x is not None:
         xf = x.detach().reshape(-1, K).to(acc)
         H = xf.T @ xf
-        weight = H.diagonal()[None]
-    weight = weight.reshape(1, -1, group_size)
+        weight = H.diagonal().reshape(1, -1, group_size)
     N, G, _ = wg.shape
     errors = torch.zeros(len(candidates), dtype=acc, device=w.device)
     choices = []  # per row chunk: (E, n, G) index of the best clip of every group, per exponent
     chunks, step = _row_chunks(N, len(candidates) * len(clips) * K)
     for start in chunks:
         block = wg[start : start + step]  # (n, G, g)
-        scale = block.abs().amax(dim=-1, keepdim=True) * r[:, None, None, None]  # (C, n, G, 1)
-        diff = _fake_quant(block, scale, bits, a[:, None, None, None, None], symmetric, table) - block  # (E,C,n,G,g)
-        group_err = (diff.square() * weight).sum(dim=-1)  # (E, C, n, G)
+        absmax = block.abs().amax(dim=-1, keepdim=True)
+        y = block / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        # Grid position of sign(y)|y / r|^a (module docstring) as one multiply-add on sign(y)|y|^a,
+        # computed once per exponent: pos = sign(y)|y|^a * r^-a * step_inv + offset.
+        powered = (torch.sign(y) * y.abs() ** a[:, None, None, None])[:, None]  # (E, 1, n, G, g)
+        slope = (r[None, :] ** -a[:, None] * step_inv)[..., None, None, None]  # (E, C, 1, 1, 1)
+        pos = torch.addcmul(torch.full((), offset, dtype=acc, device=w.device), powered, slope)
+        pos = pos.round_().clamp_(0, L - 1).add_(table_rows)  # ties to even; row of the exponent's table
+        deq = table.reshape(-1)[pos.long()]  # (E, C, n, G, g)
+        diff = torch.addcmul(-block, deq, absmax * r[:, None, None, None])  # Q(w) - w
+        sq = diff.square()
+        group_err = (sq if H is None else sq.mul_(weight)).sum(dim=-1)  # (E, C, n, G)
         best = group_err.argmin(dim=1, keepdim=True)  # (E, 1, n, G)
         if H is None:
             errors += group_err.gather(1, best).sum(dim=(1, 2, 3))

@@ -8,8 +8,9 @@ from pyfast.quant import reference
 
 quant = pyfast.quant
 
-# (N, K, group_size, bits): primes and non-multiples of the kernels' blocks (8 codes, 32/64 columns).
-WEIGHTS = [(1, 8, 8, 4), (37, 64, 8, 3), (37, 48, 16, 4), (13, 40, 8, 8), (67, 136, 136, 4), (29, 72, 24, 3)]
+# (N, K, group_size, bits): primes and non-multiples of the kernels' blocks (8 codes, 32/64 columns);
+# 4 bits with groups of 32k take the CPU byte-shuffle path at M = 1.
+WEIGHTS = [(1, 8, 8, 4), (37, 64, 8, 3), (37, 48, 16, 4), (13, 40, 8, 8), (67, 136, 136, 4), (29, 72, 24, 3), (11, 96, 32, 4)]
 
 
 def _rows(kernel):

@@ -45,6 +45,9 @@ struct ScalarDecoder {
   }
 };
 
+// Where input i (0..31) of a block of 32 sits in Avx2ByteDecoder4's output registers.
+inline int shuffled_position(int i) { return ((i % 16) / 4) * 8 + (i / 16) * 4 + i % 4; }
+
 #ifdef PYFAST_QUANT_AVX2
 #define PYFAST_AVX2 __attribute__((target("avx2,fma")))
 
@@ -89,6 +92,43 @@ struct Avx2Decoder<8> {
   PYFAST_AVX2 __m256 decode(const std::uint8_t* block) const {
     const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block)));
     return _mm256_mul_ps(_mm256_i32gather_ps(table, codes, 4), scale);
+  }
+};
+
+// 4-bit codes through byte shuffles, 32 codes at a time: the 16 float levels are split into four
+// byte planes (plane j = byte j of every level) and vpshufb looks up all four bytes of 32 codes in
+// four instructions; byte and word unpacks reassemble the floats. The result comes in four
+// registers holding codes {0-3,16-19}, {4-7,20-23}, {8-11,24-27}, {12-15,28-31} of the block
+// (`shuffled_position`), so x is permuted to that order once per call. No scale: callers apply
+// the group's scale to the group's sum.
+struct Avx2ByteDecoder4 {
+  __m256i plane[4];
+
+  PYFAST_AVX2 explicit Avx2ByteDecoder4(const float* table) {
+    alignas(32) std::uint8_t bytes[4][32];
+    for (int c = 0; c < 16; ++c) {
+      std::uint8_t level[4];
+      std::memcpy(level, table + c, 4);
+      for (int j = 0; j < 4; ++j) bytes[j][c] = bytes[j][c + 16] = level[j];
+    }
+    for (int j = 0; j < 4; ++j) plane[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[j]));
+  }
+
+  // 32 codes from 16 packed bytes -> out[0..4).
+  PYFAST_AVX2 void decode(const std::uint8_t* block, __m256* out) const {
+    const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i even = _mm_and_si128(packed, mask);
+    const __m128i odd = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(even, odd), _mm_unpacklo_epi8(even, odd));
+    const __m256i b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
+    const __m256i b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
+    const __m256i low_a = _mm256_unpacklo_epi8(b0, b1), low_b = _mm256_unpackhi_epi8(b0, b1);
+    const __m256i high_a = _mm256_unpacklo_epi8(b2, b3), high_b = _mm256_unpackhi_epi8(b2, b3);
+    out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low_a, high_a));
+    out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low_a, high_a));
+    out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low_b, high_b));
+    out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low_b, high_b));
   }
 };
 

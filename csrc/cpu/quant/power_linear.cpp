@@ -81,6 +81,26 @@ PYFAST_AVX2 void linear_tile_avx2(const float* x, std::int64_t K, const QuantWei
     out[m] = hsum(acc[0][m]);
   }
 }
+
+// One row of x against W[n] for 4-bit codes and group sizes that are multiples of 32, through
+// Avx2ByteDecoder4; x is in the shuffled order (`shuffled_position` within each block of 32).
+PYFAST_AVX2 void linear_row_avx2_bytes(const float* x, std::int64_t K, const QuantWeight& w, std::int64_t n, float* out) {
+  const Avx2ByteDecoder4 decoder(w.table);
+  const std::uint8_t* block = w.codes + n * w.row_bytes;
+  const float* scales = w.scales + n * (K / w.group_size);
+  __m256 total = _mm256_setzero_ps();
+  __m256 values[4];
+  for (std::int64_t k = 0, g = 0; k < K; ++g) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (const std::int64_t end = k + w.group_size; k < end; k += 32, block += 16) {
+      decoder.decode(block, values);
+      for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8 * r), values[r], acc[r]);
+    }
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    total = _mm256_fmadd_ps(sum, _mm256_set1_ps(scales[g]), total);
+  }
+  out[0] = hsum(total);
+}
 #endif
 
 template <int Bits, int MB>
@@ -122,16 +142,38 @@ decltype(auto) dispatch_activation(int tag, const char* what, F&& f) {
   return dispatch_float(tag, what, std::forward<F>(f));
 }
 
+// A single row of 4-bit x W^T goes through the byte-shuffle decoder (fewer instructions per code
+// than the vperm lookups, which pay off only when shared by several rows of x).
+template <int Bits>
+bool use_byte_decoder(std::int64_t M, const QuantWeight& w) {
+#ifdef PYFAST_QUANT_AVX2
+  return Bits == 4 && M == 1 && w.group_size % 32 == 0 && has_avx2();
+#else
+  return false;
+#endif
+}
+
 template <int Bits, typename T>
 void power_linear(const T* x, std::int64_t M, std::int64_t x_stride, const QuantWeight& w, T* y, std::int64_t y_stride) {
   const std::int64_t K = w.cols;
+  const bool bytes = use_byte_decoder<Bits>(M, w);
   std::vector<float> xf(static_cast<std::size_t>(M * K));
   for (std::int64_t m = 0; m < M; ++m) {
-    for (std::int64_t k = 0; k < K; ++k) xf[m * K + k] = to_acc(x[m * x_stride + k]);
+    for (std::int64_t k = 0; k < K; ++k) {
+      const std::int64_t at = bytes ? (k & ~std::int64_t{31}) + shuffled_position(static_cast<int>(k & 31)) : k;
+      xf[m * K + at] = to_acc(x[m * x_stride + k]);
+    }
   }
   parallel_for(w.rows, kColumnGrain, [&](std::int64_t n0, std::int64_t n1) {
     float out[kMaxRows];
     for (std::int64_t n = n0; n < n1; ++n) {
+#ifdef PYFAST_QUANT_AVX2
+      if (bytes) {
+        linear_row_avx2_bytes(xf.data(), K, w, n, out);
+        y[n] = from_acc<T>(out[0]);
+        continue;
+      }
+#endif
       for (std::int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int rows = static_cast<int>(std::min<std::int64_t>(kMaxRows, M - m0));
         tile_for_rows<Bits>(rows)(xf.data() + m0 * K, K, w, n, out);
