@@ -5,18 +5,22 @@
     y = pyfast.quant.power_linear(x, q)                                  # x W^T, W decoded on the fly
 """
 from . import reference
+from .nupes import NupesResult, fake_quantize, nupes_calibrate
 from .nn import PowerQuantLinear, QuantizationReport, quantize_model
 from .ops import dequantize, power_linear, power_quantize, search_exponent
 from .reference import SUPPORTED_BITS, QuantizedTensor, SearchResult, levels
 
 __all__ = [
     "PowerQuantLinear",
+    "NupesResult",
     "QuantizationReport",
     "QuantizedTensor",
     "SUPPORTED_BITS",
     "SearchResult",
     "dequantize",
+    "fake_quantize",
     "levels",
+    "nupes_calibrate",
     "power_linear",
     "power_quantize",
     "quantize_model",

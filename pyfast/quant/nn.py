@@ -12,10 +12,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .nupes import nupes_calibrate
 from .ops import power_linear, power_quantize, search_exponent
 from .reference import DEFAULT_CLIPS, DEFAULT_EXPONENTS, QuantizedTensor
 
-METHODS = ("uniform", "powerquant")
+METHODS = ("uniform", "powerquant", "nupes")
 
 
 class PowerQuantLinear(nn.Module):
@@ -124,13 +125,16 @@ def quantize_model(
     exponents: Sequence[float] = DEFAULT_EXPONENTS,
     clips: Sequence[float] = DEFAULT_CLIPS,
     symmetric: bool = True,
+    nupes_steps: int = 100,
+    seed: int = 0,
     progress: bool = True,
 ) -> QuantizationReport:
     """Replace the model's nn.Linear layers (in place) by `PowerQuantLinear`.
 
     Args:
-        method: ``"uniform"`` (exponent 1, per-group clip searched) or ``"powerquant"`` (exponent
-            per layer searched jointly with the per-group clips, `search_exponent`).
+        method: ``"uniform"`` (exponent 1, per-group clip searched), ``"powerquant"`` (exponent
+            per layer searched jointly with the per-group clips, `search_exponent`) or ``"nupes"``
+            (that search, then `nupes_calibrate` for ``nupes_steps`` Adam steps, seeded by ``seed``).
         group_size: elements per scale along the inputs; layers whose in_features it does not
             divide use one group per row.
         include / exclude: fnmatch patterns on module names (``include=None``: every Linear).
@@ -157,10 +161,15 @@ def quantize_model(
         linear = getattr(parent, child)
         w = linear.weight.detach()
         g = group_size if group_size is not None and w.shape[1] % group_size == 0 else None
-        found = search_exponent(w, bits, group_size=g, candidates=candidates, clips=clips, x=captured.get(name), symmetric=symmetric)
-        layer = PowerQuantLinear.from_linear(linear, bits, found.exponent, group_size=g, clip=found.clip, symmetric=symmetric)
+        if method == "nupes":
+            result = nupes_calibrate(w, bits, captured.get(name), group_size=g, steps=nupes_steps, seed=seed,
+                                     symmetric=symmetric, progress=False)
+            layer = PowerQuantLinear(result.q, linear.bias)
+        else:
+            found = search_exponent(w, bits, group_size=g, candidates=candidates, clips=clips, x=captured.get(name), symmetric=symmetric)
+            layer = PowerQuantLinear.from_linear(linear, bits, found.exponent, group_size=g, clip=found.clip, symmetric=symmetric)
         w64 = w.double()
         err = ((layer.quantized.dequantize(torch.float64) - w64).square().sum() / w64.square().sum()).item()
-        report.layers.append(LayerReport(name, tuple(w.shape), found.exponent, err))
+        report.layers.append(LayerReport(name, tuple(w.shape), layer.exponent, err))
         setattr(parent, child, layer.to(w.device))
     return report
