@@ -12,8 +12,8 @@ from torch import Tensor
 from .. import _alloc, _ext
 
 _TAG = _ext.DTYPE_TAG
-# Above this many rows of x, dequantizing W once and running torch's GEMM beats decoding W per
-# block of 8 rows (bench/quant/test_power_linear.py).
+# Above this many rows of x, W is decoded once to float32 and torch's blocked GEMM runs: the decode
+# kernel re-decodes W for every 8 rows and has no cache blocking, which pays only for few rows.
 MAX_DECODE_ROWS = 16
 
 

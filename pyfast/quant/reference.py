@@ -223,7 +223,7 @@ def search_exponent(
     *,
     group_size: Optional[int] = 128,
     candidates: Sequence[float] = DEFAULT_EXPONENTS,
-    clips: Sequence[float] = (1.0,),
+    clips: Sequence[float] = DEFAULT_CLIPS,
     x: Optional[Tensor] = None,
     symmetric: bool = True,
 ) -> SearchResult:

@@ -68,7 +68,7 @@ def test_quantize_model_with_calibration_and_fallback_group():
 
 
 def test_quantize_model_bad_inputs():
-    with pytest.raises(ValueError, match=r"quantize_model: method must be one of \('uniform', 'powerquant'\), got 'gptq'"):
+    with pytest.raises(ValueError, match=r"quantize_model: method must be one of \('uniform', 'powerquant', 'nupes'\), got 'gptq'"):
         quant.quantize_model(_mlp(), 4, "gptq")
     with pytest.raises(TypeError, match=r"quantize_model: model must be an nn.Module, got dict"):
         quant.quantize_model({}, 4)

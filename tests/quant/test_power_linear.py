@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import pyfast
-from kernel_cases import TOLERANCE, assert_close
+from kernel_cases import assert_close
 from pyfast.quant import reference
 
 quant = pyfast.quant
