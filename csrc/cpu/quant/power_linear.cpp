@@ -21,7 +21,7 @@ namespace {
 using namespace quant;
 
 constexpr int kMaxRows = 8;                 // rows of x per decoded row of W (accumulators in registers)
-constexpr std::int64_t kColumnGrain = 32;   // output columns per thread, at least
+constexpr std::int64_t kColumnGrain = 32;   // output columns per scheduled block
 
 using TileFn = void (*)(const float* x, std::int64_t K, const QuantWeight& w, std::int64_t n, float* out);
 
@@ -164,9 +164,13 @@ void power_linear(const T* x, std::int64_t M, std::int64_t x_stride, const Quant
       xf[m * K + at] = to_acc(x[m * x_stride + k]);
     }
   }
-  parallel_for(w.rows, kColumnGrain, [&](std::int64_t n0, std::int64_t n1) {
+  // Column blocks are handed out dynamically: on a shared machine a descheduled thread then delays
+  // one block, not a whole static half of the output.
+  const std::int64_t blocks = (w.rows + kColumnGrain - 1) / kColumnGrain;
+PYFAST_OMP(omp parallel for schedule(dynamic, 1) if (blocks > 1))
+  for (std::int64_t b = 0; b < blocks; ++b) {
     float out[kMaxRows];
-    for (std::int64_t n = n0; n < n1; ++n) {
+    for (std::int64_t n = b * kColumnGrain; n < std::min(w.rows, (b + 1) * kColumnGrain); ++n) {
 #ifdef PYFAST_QUANT_AVX2
       if (bytes) {
         linear_row_avx2_bytes(xf.data(), K, w, n, out);
@@ -180,7 +184,7 @@ void power_linear(const T* x, std::int64_t M, std::int64_t x_stride, const Quant
         for (int m = 0; m < rows; ++m) y[(m0 + m) * y_stride + n] = from_acc<T>(out[m]);
       }
     }
-  });
+  }
 }
 
 // One row of W decoded into `out` (K elements). Inlined into the AVX2 and the portable callers.
