@@ -5,6 +5,7 @@
     y = pyfast.quant.power_linear(x, q)                                  # x W^T, W decoded on the fly
 """
 from . import reference
+from .io import load_quantized, save_quantized
 from .nupes import NupesResult, fake_quantize, nupes_calibrate
 from .nn import PowerQuantLinear, QuantizationReport, quantize_model
 from .ops import dequantize, power_linear, power_quantize, search_exponent
@@ -20,10 +21,12 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "levels",
+    "load_quantized",
     "nupes_calibrate",
     "power_linear",
     "power_quantize",
     "quantize_model",
     "reference",
+    "save_quantized",
     "search_exponent",
 ]

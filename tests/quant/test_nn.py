@@ -95,3 +95,20 @@ def test_minilm_power_beats_uniform(monkeypatch):
                        exponents=(0.7, 0.8), clips=(0.8, 0.9, 1.0))
     (_, _, _, uniform_w, uniform_cos, _), (_, _, _, power_w, power_cos, _) = rows
     assert power_w < uniform_w and power_cos < uniform_cos
+
+
+@pytest.mark.skipif(importlib.util.find_spec("safetensors") is None, reason="needs safetensors")
+def test_safetensors_round_trip(tmp_path):
+    model = _mlp()
+    quant.quantize_model(model, 4, "powerquant", group_size=32, exclude=["4"], progress=False)
+    path = tmp_path / "model.safetensors"
+    quant.save_quantized(model, path)
+    fresh = quant.load_quantized(_mlp(), path)
+    assert isinstance(fresh[0], quant.PowerQuantLinear) and type(fresh[4]) is nn.Linear
+    x = torch.randn(7, 64)
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match=r"load_quantized: .* holds no pyfast.quant layers"):
+        from safetensors.torch import save_file
+
+        save_file({"a": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+        quant.load_quantized(_mlp(), tmp_path / "plain.safetensors")
