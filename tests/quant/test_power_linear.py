@@ -116,3 +116,17 @@ def test_bad_inputs():
         quant.power_linear(torch.randn(2, 16), q0)
     with pytest.raises(TypeError, match=r"power_linear: x must have dtype in"):
         quant.power_linear(torch.randint(0, 3, (2, 16)), q)
+
+
+def test_compile_fullgraph():
+    q = _quantized(13, 32, 8, 4)
+
+    def f(x):
+        return torch.relu(quant.power_linear(x, q)).sum()
+
+    x = torch.randn(3, 32, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (g_compiled,) = torch.autograd.grad(compiled(x), x)
+    (g_eager,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(compiled(x), f(x))
+    torch.testing.assert_close(g_compiled, g_eager)
