@@ -17,5 +17,6 @@ T* at(Address address) {
 
 void register_moe(pybind11::module_& m);
 void register_ssm(pybind11::module_& m);
+void register_quant(pybind11::module_& m);
 
 }  // namespace pyfast::bindings

@@ -11,4 +11,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("max_threads", &pyfast::max_threads, "OpenMP threads available to the kernels");
   pyfast::bindings::register_moe(m);
   pyfast::bindings::register_ssm(m);
+  pyfast::bindings::register_quant(m);
 }

@@ -1,0 +1,278 @@
+"""Power-exponent quantization ops: validation, the ``pyfast::quant_power_linear`` custom op, dispatch.
+
+Quantization, dequantization and the searches are offline steps that run the torch reference
+(batched over candidates); `power_linear`, the op on the inference path, dispatches to a kernel
+backend (`_cpu.py` over ``pyfast._C``, the Triton launchers in ``pyfast.triton_kernels.quant``) or
+the reference when no kernel covers the call (`backend_for` says which and why).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .._backend import backend_for, register_op
+from .._checks import FLOAT_DTYPES, check_int, check_tensor, value_checks_enabled
+from . import reference
+from .reference import DEFAULT_CLIPS, DEFAULT_EXPONENTS, SUPPORTED_BITS, QuantizedTensor, SearchResult
+
+_GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+register_op("quant.power_linear", cpu=(torch.float32, torch.float16, torch.bfloat16), triton=_GPU_FLOATS)
+_KERNEL_MODULES = {"cpu": "pyfast.quant._cpu", "triton": "pyfast.triton_kernels.quant"}
+KERNEL_GROUP_MULTIPLE = 8  # kernels decode blocks of 8 codes; other group sizes run the reference
+
+
+def _kernels(backend: str):
+    return importlib.import_module(_KERNEL_MODULES[backend])
+
+
+def _eager_value_checks() -> bool:
+    return value_checks_enabled() and not torch.compiler.is_compiling()
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation shared by the quantization entry points
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_bits(fn: str, bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{fn}: bits must be an int, got {type(bits).__name__}")
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"{fn}: bits must be one of {SUPPORTED_BITS}, got {bits}")
+    return bits
+
+
+def _check_positive(fn: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{fn}: {name} must be a float, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{fn}: {name} must be finite and > 0, got {value}")
+    return float(value)
+
+
+def _check_weight(fn: str, w, axis: int, group_size: Optional[int], ndim: Optional[int] = None) -> int:
+    """Validates ``w`` and the grouping; returns the non-negative axis."""
+    check_tensor(fn, "w", w, ndim=ndim, dims="(out_features, in_features)" if ndim == 2 else "", dtypes=FLOAT_DTYPES)
+    if w.dim() == 0:
+        raise ValueError(f"{fn}: w must have at least one dimension, got a scalar")
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"{fn}: axis must be an int, got {type(axis).__name__}")
+    if not -w.dim() <= axis < w.dim():
+        raise ValueError(f"{fn}: axis must be in [{-w.dim()}, {w.dim() - 1}] for w of shape {tuple(w.shape)}, got {axis}")
+    axis %= w.dim()
+    K = w.shape[axis]
+    if group_size is not None:
+        check_int(fn, "group_size", group_size, low=1)
+        if K % group_size:
+            raise ValueError(
+                f"{fn}: group_size must divide w.shape[{axis}] = {K} (no padding; use group_size=None "
+                f"for one group per row), got {group_size}"
+            )
+    if _eager_value_checks() and w.numel() and not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{fn}: w has {bad} non-finite value(s) (NaN or Inf)")
+    return axis
+
+
+def _check_candidates(fn: str, name: str, values) -> tuple:
+    values = tuple(values)
+    if not values:
+        raise ValueError(f"{fn}: {name} must not be empty")
+    return tuple(_check_positive(fn, f"every entry of {name}", v) for v in values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantization (reference math, validated)
+# --------------------------------------------------------------------------------------------------
+
+
+def power_quantize(
+    w: Tensor,
+    bits: int,
+    exponent: float,
+    *,
+    group_size: Optional[int] = 128,
+    axis: int = -1,
+    symmetric: bool = True,
+    clip: Union[float, Tensor] = 1.0,
+) -> QuantizedTensor:
+    """Quantize ``w`` onto the power grid ``sign(t)|t|^(1/exponent)`` (grid, ties and packing: see
+    `pyfast.quant.reference`).
+
+    Args:
+        w: float tensor of any shape (float32/float16/bfloat16/float64), finite.
+        bits: 3, 4 or 8.
+        exponent: ``a > 0``; 1 is uniform quantization.
+        group_size: elements per scale along ``axis`` (must divide that dimension), or None for one
+            group per row.
+        axis: the grouped axis (for a Linear weight ``(N, K)``, -1: groups along the inputs).
+        symmetric: True for the symmetric 2**bits-level grid, False for the grid with exact zero.
+        clip: scale = clip * group absmax: a float > 0, or a ``(rows, groups)`` tensor (e.g.
+            ``search_exponent(...).clip``).
+
+    Returns:
+        `QuantizedTensor` with packed uint8 codes and float32 scales (float64 for float64 ``w``).
+    """
+    fn = "power_quantize"
+    _check_bits(fn, bits)
+    exponent = _check_positive(fn, "exponent", exponent)
+    axis = _check_weight(fn, w, axis, group_size)
+    K = w.shape[axis]
+    groups = 1 if group_size is None else K // group_size
+    rows = w.numel() // K if K else 0
+    if isinstance(clip, Tensor):
+        if tuple(clip.shape) != (rows, groups):
+            raise ValueError(f"{fn}: clip must be a float or a tensor of shape ({rows}, {groups}) (rows, groups), got {tuple(clip.shape)}")
+        if clip.device != w.device:
+            raise ValueError(f"{fn}: clip must be on w's device {w.device}, got {clip.device}")
+        if _eager_value_checks() and clip.numel() and not bool((clip > 0).all() & torch.isfinite(clip).all()):
+            raise ValueError(f"{fn}: clip must hold finite values > 0")
+    else:
+        clip = _check_positive(fn, "clip", clip)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"{fn}: symmetric must be a bool, got {type(symmetric).__name__}")
+    return reference.power_quantize(w, bits, exponent, group_size=group_size, axis=axis, symmetric=symmetric, clip=clip)
+
+
+def _check_quantized(fn: str, q) -> QuantizedTensor:
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"{fn}: q must be a QuantizedTensor (from power_quantize), got {type(q).__name__}")
+    return q
+
+
+def dequantize(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The tensor of ``q.shape`` (in ``dtype``, default the scales' dtype) that ``q`` stores."""
+    _check_quantized("dequantize", q)
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize: dtype must be a floating dtype, got {dtype}")
+    return reference.dequantize(q, dtype)
+
+
+def search_exponent(
+    w: Tensor,
+    bits: int,
+    *,
+    group_size: Optional[int] = 128,
+    candidates: Sequence[float] = DEFAULT_EXPONENTS,
+    clips: Sequence[float] = DEFAULT_CLIPS,
+    x: Optional[Tensor] = None,
+    symmetric: bool = True,
+) -> SearchResult:
+    """Batched joint search of the exponent (per layer) and clip (per group) of a ``(N, K)`` weight.
+
+    Every (exponent, clip) pair is evaluated in one batched pass (row-chunked for memory). The error
+    is the weight reconstruction error, or the output error ``||x W^T - x Q(W)^T||^2`` when
+    calibration inputs ``x (..., K)`` are given. Returns `SearchResult` ``(exponent, clip (N, groups),
+    errors (E,))``; quantize with ``power_quantize(w, bits, r.exponent, clip=r.clip, ...)``.
+    Pass ``clips=(1.0,)`` for plain absmax scales.
+    """
+    fn = "search_exponent"
+    _check_bits(fn, bits)
+    _check_weight(fn, w, 1, group_size, ndim=2)
+    candidates = _check_candidates(fn, "candidates", candidates)
+    clips = _check_candidates(fn, "clips", clips)
+    if x is not None:
+        check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES)
+        if x.dim() == 0 or x.shape[-1] != w.shape[1]:
+            raise ValueError(f"{fn}: x must have last dimension in_features = {w.shape[1]}, got shape {tuple(x.shape)}")
+        if x.device != w.device:
+            raise ValueError(f"{fn}: x must be on w's device {w.device}, got {x.device}")
+    return reference.search_exponent(
+        w, bits, group_size=group_size, candidates=candidates, clips=clips, x=x, symmetric=symmetric
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# power_linear: y = x W^T with W decoded from the packed codes inside the kernel
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("pyfast::quant_power_linear", mutates_args=())
+def _power_linear_op(x: Tensor, codes: Tensor, scales: Tensor, table: Tensor, bits: int, group_size: int, backend: str) -> Tensor:
+    return _kernels(backend).power_linear_fwd(x, codes, scales, table, bits, group_size)
+
+
+@_power_linear_op.register_fake
+def _(x, codes, scales, table, bits, group_size, backend):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+@torch.library.custom_op("pyfast::quant_dequantize", mutates_args=())
+def _dequantize_op(
+    codes: Tensor, scales: Tensor, table: Tensor, bits: int, group_size: int, cols: int, dtype: torch.dtype, backend: str
+) -> Tensor:
+    return _kernels(backend).dequantize(codes, scales, table, bits, group_size, cols, dtype)
+
+
+@_dequantize_op.register_fake
+def _(codes, scales, table, bits, group_size, cols, dtype, backend):
+    return codes.new_empty((codes.shape[0], cols), dtype=dtype)
+
+
+def _power_linear_setup(ctx, inputs, output):
+    x, codes, scales, table, bits, group_size, backend = inputs
+    ctx.save_for_backward(codes, scales, table)
+    ctx.bits, ctx.group_size, ctx.cols, ctx.backend = bits, group_size, x.shape[1], backend
+
+
+def _power_linear_backward(ctx, grad_y):
+    # dL/dx = dL/dy W. The weight is frozen storage: codes, scales and table get no gradient
+    # (NUPES calibration differentiates the reference's fake quantization instead).
+    codes, scales, table = ctx.saved_tensors
+    w = _dequantize_op(codes, scales, table, ctx.bits, ctx.group_size, ctx.cols, torch.float32, ctx.backend)
+    grad_x = (grad_y.float() @ w).to(grad_y.dtype)
+    return grad_x, None, None, None, None, None, None
+
+
+_power_linear_op.register_autograd(_power_linear_backward, setup_context=_power_linear_setup)
+
+
+def _check_linear_weight(fn: str, q) -> QuantizedTensor:
+    _check_quantized(fn, q)
+    if len(q.shape) != 2 or q.axis != 1:
+        raise ValueError(
+            f"{fn}: q must be a quantized Linear weight (out_features, in_features) grouped along axis 1, "
+            f"got shape {q.shape} grouped along axis {q.axis}"
+        )
+    return q
+
+
+def _kernel_backend(op: str, x: Tensor, q: QuantizedTensor) -> str:
+    """Backend for this call; group sizes the kernels do not decode go to the reference."""
+    if q.group_size % KERNEL_GROUP_MULTIPLE:
+        return "reference"
+    return backend_for(op, x).backend
+
+
+def power_linear(x: Tensor, q: QuantizedTensor) -> Tensor:
+    """``y = x W^T`` with ``W = dequantize(q)`` decoded on the fly (never materialized for few rows).
+
+    Args:
+        x: ``(..., K)`` float32/float16/bfloat16/float64 activations.
+        q: a `QuantizedTensor` of a ``(N, K)`` weight grouped along K (``power_quantize(w, ...)``
+            with the default ``axis=-1``), on x's device.
+
+    Returns:
+        ``(..., N)`` in x.dtype, accumulated in float32 (float64 for float64 x). Differentiable
+        w.r.t. x; the quantized weight is frozen (no gradient to codes or scales).
+    """
+    fn = "power_linear"
+    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES)
+    _check_linear_weight(fn, q)
+    N, K = q.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"{fn}: x must have last dimension in_features = {K}, got shape {tuple(x.shape)}")
+    if x.device != q.device:
+        raise ValueError(f"{fn}: q is on {q.device} but x is on {x.device}; move it with q.to(x.device)")
+    backend = _kernel_backend("quant.power_linear", x, q)
+    if backend == "reference":
+        return reference.power_linear(x, q)
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] and K > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = _power_linear_op(x2, q.codes.contiguous(), q.scales.float().contiguous(), q.table(), q.bits, q.group_size, backend)
+    return y.reshape(*x.shape[:-1], N)

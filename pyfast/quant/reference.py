@@ -1,0 +1,295 @@
+"""Specification of power-exponent quantization (PowerQuant / NUPES) in plain torch.
+
+Every kernel of `pyfast.quant` is tested against these functions; they take any floating dtype
+(float64 included) and compute in float32, or float64 for float64 input.
+
+The grid. With ``L = 2**bits`` codes ``c = 0 .. L-1`` and exponent ``a > 0`` the normalized levels are
+
+    symmetric=True   t_c = (2c - (L-1)) / (L-1)      all L levels, symmetric, no exact zero (midrise)
+    symmetric=False  t_c = (c - L/2) / (L/2)         all L levels, exact zero, one more negative level
+
+and the dequantized value of code ``c`` in a group with scale ``s`` is ``s * sign(t_c) |t_c|^(1/a)``
+(the power automorphism ``x -> sign(x)|x|^a`` maps weights onto the uniform grid ``t``).
+Quantizing ``w`` rounds in the transformed domain::
+
+    u = clamp(sign(w / s) |w / s|^a, t_0, t_{L-1})
+    c = round((u - t_0) / (t_1 - t_0))          ties to even (torch.round, C nearbyint)
+
+so exponent 1 is exactly uniform quantization. Scales are per group of ``group_size`` consecutive
+elements along ``axis``: ``s = clip * max|w|`` over the group, ``clip`` a float or searched per group
+(`search_clip`). With ``symmetric=False`` and ``a = 1/2`` the value is ``s/(L/2)^2 * q|q|``,
+``q = c - L/2``: at 4 bits an integer in [-64, 49] times ``s/64``, exact in int8.
+
+Packed layout (`pack_codes`): each row of codes is a little-endian bit stream, code ``k`` in bits
+``[bits*k, bits*k + bits)``, rows padded with zero codes to a multiple of 8 codes, so a row takes
+``bits * ceil(K / 8)`` bytes and every 8 codes fill exactly ``bits`` bytes (4-bit: two codes per
+byte, low nibble first; 3-bit: 8 codes per 3 bytes; 8-bit: one code per byte).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+SUPPORTED_BITS = (3, 4, 8)
+DEFAULT_EXPONENTS = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))  # 0.50 .. 1.00
+DEFAULT_CLIPS = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))  # 0.50 .. 1.00
+_CHUNK_ELEMENTS = 1 << 24  # bound on the batched search tensors (elements)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalized_grid(bits: int, symmetric: bool = True, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(2**bits,)`` the uniform grid ``t_c`` of the transformed domain, ascending."""
+    L = 2**bits
+    c = torch.arange(L, dtype=dtype)
+    return (2 * c - (L - 1)) / (L - 1) if symmetric else (c - L / 2) / (L / 2)
+
+
+def levels(bits: int, exponent: Union[float, Tensor], symmetric: bool = True, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(2**bits,)`` dequantized values of the codes for scale 1: ``sign(t_c) |t_c|^(1/a)``.
+
+    A tensor ``exponent`` of shape ``(E,)`` gives ``(E, 2**bits)``."""
+    t = normalized_grid(bits, symmetric, dtype)
+    if isinstance(exponent, Tensor):
+        exponent = exponent.to(dtype)[..., None]
+    return torch.sign(t) * t.abs() ** (1.0 / exponent)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A tensor stored as packed power-grid codes with per-group scales.
+
+    Attributes:
+        codes: ``(rows, bits * ceil(K / 8))`` uint8, rows = the tensor moved to ``axis`` last and
+            flattened to 2-D ``(rows, K)`` (for a Linear weight ``(N, K)``: rows = N).
+        scales: ``(rows, K // group_size)`` float32 (float64 when quantized from float64).
+        exponent, bits, group_size, symmetric: the grid (see the module docstring).
+        shape: the original shape; axis: the grouped axis (non-negative).
+    """
+
+    codes: Tensor
+    scales: Tensor
+    exponent: float
+    bits: int
+    group_size: int
+    shape: Tuple[int, ...]
+    axis: int
+    symmetric: bool = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def cols(self) -> int:
+        """K, the length of the grouped axis."""
+        return self.shape[self.axis]
+
+    def table(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(2**bits,)`` the dequantized value of each code at scale 1 (computed in float64)."""
+        return levels(self.bits, self.exponent, self.symmetric).to(dtype=dtype, device=self.device)
+
+    def to(self, device: Union[str, torch.device]) -> "QuantizedTensor":
+        return replace(self, codes=self.codes.to(device), scales=self.scales.to(device))
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return dequantize(self, dtype)
+
+
+def _to_groups(w: Tensor, axis: int, group_size: int) -> Tensor:
+    """``(rows, groups, group_size)`` view of ``w`` with ``axis`` moved last."""
+    w2 = w.movedim(axis, -1).reshape(-1, w.shape[axis])
+    return w2.reshape(w2.shape[0], w.shape[axis] // group_size, group_size)
+
+
+def _from_rows(rows: Tensor, shape: Sequence[int], axis: int) -> Tensor:
+    moved = list(shape)
+    moved.append(moved.pop(axis))
+    return rows.reshape(moved).movedim(-1, axis)
+
+
+def _codes(wg: Tensor, scale: Tensor, bits: int, exponent, symmetric: bool) -> Tensor:
+    """Codes (same shape as ``wg``, int64) of weights ``wg`` with broadcastable ``scale``."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = wg / safe
+    return _grid_codes(torch.sign(y) * y.abs() ** exponent, bits, symmetric)
+
+
+def _grid_codes(u: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """Codes of transformed values ``u``: the nearest grid point, ties to even."""
+    L = 2**bits
+    if symmetric:
+        pos = (u.clamp(-1.0, 1.0) + 1.0) * ((L - 1) / 2)
+    else:
+        pos = u.clamp(-1.0, 1.0 - 2.0 / L) * (L / 2) + L / 2
+    return torch.round(pos).clamp(0, L - 1).to(torch.int64)
+
+
+def power_quantize(
+    w: Tensor,
+    bits: int,
+    exponent: float,
+    *,
+    group_size: Optional[int] = 128,
+    axis: int = -1,
+    symmetric: bool = True,
+    clip: Union[float, Tensor] = 1.0,
+) -> QuantizedTensor:
+    """Quantize ``w`` onto the power grid. ``group_size=None`` means one group per row (per channel).
+
+    ``clip``: scale factor on the group absmax, a float or a ``(rows, groups)`` tensor (from
+    `search_clip` / `search_exponent`). No validation here (see `pyfast.quant.power_quantize`)."""
+    axis = axis % w.dim()
+    K = w.shape[axis]
+    group_size = K if group_size is None else group_size
+    acc = compute_dtype(w.dtype)
+    wg = _to_groups(w.detach().to(acc), axis, group_size)
+    clip_t = torch.as_tensor(clip, dtype=acc, device=w.device)
+    scale = wg.abs().amax(dim=-1) * clip_t if wg.numel() else wg.new_zeros(wg.shape[:2])
+    codes = _codes(wg, scale[..., None], bits, exponent, symmetric)
+    packed = pack_codes(codes.reshape(codes.shape[0], K), bits)
+    return QuantizedTensor(packed, scale.contiguous(), float(exponent), bits, group_size, tuple(w.shape), axis, symmetric)
+
+
+def dequantize(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The tensor of ``q.shape`` holding ``scale * level[code]``, in ``dtype`` (default: scales' dtype)."""
+    acc = q.scales.dtype
+    codes = unpack_codes(q.codes, q.bits, q.cols)
+    values = q.table(acc)[codes].reshape(q.rows, q.cols // q.group_size, q.group_size) * q.scales[..., None]
+    return _from_rows(values.reshape(q.rows, q.cols), q.shape, q.axis).to(dtype or acc)
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """``(rows, K)`` codes in ``[0, 2**bits)`` -> ``(rows, bits * ceil(K / 8))`` uint8 (module docstring)."""
+    rows, K = codes.shape
+    blocks = -(-K // 8)
+    padded = torch.zeros(rows, blocks * 8, dtype=torch.int64, device=codes.device)
+    padded[:, :K] = codes
+    shifts = bits * torch.arange(8, device=codes.device)
+    word = (padded.reshape(rows, blocks, 8) << shifts).sum(dim=-1, keepdim=True)  # disjoint bits: sum == or
+    out = (word >> (8 * torch.arange(bits, device=codes.device))) & 0xFF
+    return out.reshape(rows, blocks * bits).to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, bits: int, K: int) -> Tensor:
+    """Inverse of `pack_codes`: ``(rows, K)`` int64 codes."""
+    rows = packed.shape[0]
+    blocks = packed.shape[1] // bits
+    b = packed.to(torch.int64).reshape(rows, blocks, bits)
+    word = (b << (8 * torch.arange(bits, device=packed.device))).sum(dim=-1, keepdim=True)
+    codes = (word >> (bits * torch.arange(8, device=packed.device))) & (2**bits - 1)
+    return codes.reshape(rows, blocks * 8)[:, :K]
+
+
+def power_linear(x: Tensor, q: QuantizedTensor) -> Tensor:
+    """``y = x W^T`` with ``W = dequantize(q)`` of shape ``(N, K)``: x ``(..., K)`` -> ``(..., N)`` in
+    ``x.dtype``, computed in the compute dtype of x."""
+    acc = compute_dtype(x.dtype)
+    return torch.nn.functional.linear(x.to(acc), dequantize(q, acc)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Search of the exponent and the clip
+# --------------------------------------------------------------------------------------------------
+
+
+class SearchResult(NamedTuple):
+    """``exponent``: the best candidate; ``clip``: ``(rows, groups)`` best clip per group for it;
+    ``errors``: ``(E,)`` error of every exponent candidate (each with its own best clips)."""
+
+    exponent: float
+    clip: Tensor
+    errors: Tensor
+
+
+def _row_chunks(rows: int, per_row: int):
+    step = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    return range(0, rows, step), step
+
+
+def search_exponent(
+    w: Tensor,
+    bits: int,
+    *,
+    group_size: Optional[int] = 128,
+    candidates: Sequence[float] = DEFAULT_EXPONENTS,
+    clips: Sequence[float] = DEFAULT_CLIPS,
+    x: Optional[Tensor] = None,
+    symmetric: bool = True,
+) -> SearchResult:
+    """Joint search of the exponent (per tensor) and the clip (per group) of a ``(N, K)`` weight.
+
+    For every exponent ``a`` (E candidates) and clip ``r`` (C candidates) all at once, the weight is
+    quantized with ``s = r * absmax``; each group keeps the clip of least error, and ``a`` is scored
+    by the summed error of its best clips. The error is the weight error ``||W - Q(W)||^2``, or with
+    calibration inputs ``x (..., K)`` the output error ``||x W^T - x Q(W)^T||^2 = sum_n d_n H d_n^T``,
+    ``H = x^T x``, ``d_n`` the row error; clips are then chosen per group by the diagonal of ``H``
+    (the group-separable part). Groups are processed in row chunks to bound memory.
+    """
+    acc = compute_dtype(w.dtype)
+    K = w.shape[1]
+    group_size = K if group_size is None else group_size
+    wg = _to_groups(w.detach().to(acc), 1, group_size)  # (N, G, g)
+    a = torch.tensor(candidates, dtype=acc, device=w.device)
+    r = torch.tensor(clips, dtype=acc, device=w.device)
+    table = levels(bits, a, symmetric, acc).to(w.device)  # (E, L)
+    L = 2**bits
+    step_inv, offset = ((L - 1) / 2, (L - 1) / 2) if symmetric else (L / 2, L / 2)
+    table_rows = (torch.arange(len(candidates), dtype=acc, device=w.device) * L)[:, None, None, None, None]
+    H = weight = None
+    if x is not None:
+        xf = x.detach().reshape(-1, K).to(acc)
+        H = xf.T @ xf
+        weight = H.diagonal().reshape(1, -1, group_size)
+    N, G, _ = wg.shape
+    errors = torch.zeros(len(candidates), dtype=acc, device=w.device)
+    choices = []  # per row chunk: (E, n, G) index of the best clip of every group, per exponent
+    chunks, step = _row_chunks(N, len(candidates) * len(clips) * K)
+    for start in chunks:
+        block = wg[start : start + step]  # (n, G, g)
+        absmax = block.abs().amax(dim=-1, keepdim=True)
+        y = block / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        # Grid position of sign(y)|y / r|^a (module docstring) as one multiply-add on sign(y)|y|^a,
+        # computed once per exponent: pos = sign(y)|y|^a * r^-a * step_inv + offset.
+        powered = (torch.sign(y) * y.abs() ** a[:, None, None, None])[:, None]  # (E, 1, n, G, g)
+        slope = (r[None, :] ** -a[:, None] * step_inv)[..., None, None, None]  # (E, C, 1, 1, 1)
+        pos = torch.addcmul(torch.full((), offset, dtype=acc, device=w.device), powered, slope)
+        pos = pos.round_().clamp_(0, L - 1).add_(table_rows)  # ties to even; row of the exponent's table
+        deq = table.reshape(-1)[pos.long()]  # (E, C, n, G, g)
+        diff = torch.addcmul(-block, deq, absmax * r[:, None, None, None])  # Q(w) - w
+        sq = diff.square()
+        group_err = (sq if H is None else sq.mul_(weight)).sum(dim=-1)  # (E, C, n, G)
+        best = group_err.argmin(dim=1, keepdim=True)  # (E, 1, n, G)
+        if H is None:
+            errors += group_err.gather(1, best).sum(dim=(1, 2, 3))
+        else:
+            d = diff.gather(1, best[..., None].expand(-1, -1, -1, -1, group_size)).flatten(start_dim=-2)  # (E,1,n,K)
+            errors += ((d @ H) * d).sum(dim=(1, 2, 3))
+        choices.append(best[:, 0])
+    winner = int(errors.argmin())
+    best_clip = r[torch.cat([c[winner] for c in choices], dim=0)] if choices else wg.new_ones(N, G)
+    return SearchResult(float(candidates[winner]), best_clip, errors)
+
+
+def search_clip(
+    w: Tensor,
+    bits: int,
+    exponent: float,
+    *,
+    group_size: Optional[int] = 128,
+    clips: Sequence[float] = DEFAULT_CLIPS,
+    x: Optional[Tensor] = None,
+    symmetric: bool = True,
+) -> Tensor:
+    """``(rows, groups)`` best clip per group for a fixed exponent (see `search_exponent`)."""
+    return search_exponent(w, bits, group_size=group_size, candidates=(exponent,), clips=clips, x=x, symmetric=symmetric).clip
