@@ -11,7 +11,7 @@ from pyfast.moe import reference
 
 # (T, E, k, d, ffn): T = 0 and 1, E not a multiple of anything, E > T*k (empty experts), odd sizes.
 SHAPES = [(0, 4, 2, 8, 6), (1, 1, 1, 1, 1), (1, 7, 3, 5, 4), (9, 31, 2, 12, 5), (37, 13, 3, 17, 10), (130, 6, 2, 33, 19)]
-SMALL_SHAPES = SHAPES[:5]
+INTERPRETER_SHAPES = [SHAPES[0], SHAPES[2], SHAPES[3]]  # the interpreter runs each program in Python
 ACTIVATIONS = ["swiglu", "geglu", "gelu", "relu", "silu"]
 
 
@@ -35,8 +35,10 @@ def _check_low_precision(out, inputs, activation, capacity, dtype, what):
 @pytest.mark.parametrize("capacity", [None, 2])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_moe_mlp_matches_reference(kernel, activation, capacity):
-    for T, E, k, d, ffn in SMALL_SHAPES if kernel.interpreted else SHAPES:
-        for dtype in kernel.dtypes:
+    for T, E, k, d, ffn in INTERPRETER_SHAPES if kernel.interpreted else SHAPES:
+        # Under the interpreter float16 runs for the gated activations (the 16-bit epilogue path).
+        dtypes = [torch.float32] if kernel.interpreted and activation not in ("swiglu", "geglu") else kernel.dtypes
+        for dtype in dtypes:
             inputs = expert_mlp_inputs(T, E, k, d, ffn, dtype, kernel.device, activation)
             with pyfast.use_backend(kernel.backend):
                 out = pyfast.moe.moe_mlp(*inputs, activation=activation, capacity=capacity)
@@ -166,6 +168,8 @@ def sample_inputs(device, dtype, backend):
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(kernel, requires_grad):
+    if kernel.interpreted and not requires_grad:
+        pytest.skip("interpreter time: the requires_grad run covers schema, fake and dispatch checks too")
     dtype = torch.float64 if torch.float64 in kernel.dtypes else torch.float32
     for op, args in sample_inputs(kernel.device, dtype, kernel.backend):
         # Backward ops have no autograd formula of their own (no double backward).
