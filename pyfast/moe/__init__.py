@@ -9,7 +9,7 @@ expert MLP, weighted combine, aux losses.
     # or the whole expert MLP in one op (gather, GEMM + activation, GEMM, weighted combine):
     out = pyfast.moe.moe_mlp(x, w_gate_up, w_down, weights, experts)  # w_gate_up (E, 2*ffn, d), w_down (E, d, ffn)
 """
-from . import activations, reference
+from . import activations, nn, reference
 from .experts import grouped_mm, moe_mlp
 from .ops import (
     MAX_EXPERTS,
@@ -28,6 +28,7 @@ __all__ = [
     "MAX_K",
     "Routing",
     "activations",
+    "nn",
     "expert_capacity",
     "grouped_mm",
     "load_balancing_loss",
