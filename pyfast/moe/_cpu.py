@@ -142,6 +142,14 @@ def _acc(t: Tensor) -> Tensor:
     return t.to(compute_dtype(t.dtype))
 
 
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a @ b``, written by the GEMM itself when ``out`` has the compute dtype."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 def grouped_mm(a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: bool) -> Tensor:
     """``(R, N)`` in ``a.dtype``: ``a[r] @ w[e].T`` (``w (E, N, K)``), or ``a[r] @ w[e]``
     (``w (E, K, N)``) when ``trans_w``, on each expert's rows; zero rows elsewhere."""
@@ -152,8 +160,7 @@ def grouped_mm(a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: b
     weight = _ExpertWeights(w)
     for e, start, end in segments:
         we = weight[e]
-        product = _acc(a[start:end]) @ (we if trans_w else we.T)
-        out[start:end] = product
+        _mm_into(out[start:end], _acc(a[start:end]), we if trans_w else we.T)
     return out
 
 
@@ -164,7 +171,10 @@ def grouped_mm_wgrad(grad: Tensor, a: Tensor, counts: Tensor, offsets: Tensor, n
     dw = torch.zeros(shape, dtype=a.dtype, device=a.device)
     for e, start, end in _segments(counts, offsets):
         g, x = _acc(grad[start:end]), _acc(a[start:end])
-        dw[e] = x.T @ g if trans_w else g.T @ x
+        if trans_w:
+            _mm_into(dw[e], x.T, g)
+        else:
+            _mm_into(dw[e], g.T, x)
     return dw
 
 
@@ -186,7 +196,7 @@ def moe_mlp_fwd(
     for e, start, end in segments:
         h = _acc(x_sorted[start:end]) @ w_up[e].T
         hidden[start:end] = h
-        y[start:end] = activations.apply(h, activation) @ w_down[e].T
+        _mm_into(y[start:end], activations.apply(h, activation), w_down[e].T)
     return combine_rows(y, row_of_assignment, weights), hidden
 
 
@@ -217,10 +227,10 @@ def moe_mlp_bwd(
         a = activations.apply(h, activation)
         da = g @ w_down[e]
         dgate[start:end] = (da * a).sum(dim=1)
-        dw2[e] = g.T @ (a * wr)
+        _mm_into(dw2[e], g.T, a * wr)
         dh = activations.backward(h, da * wr, activation)
-        dw1[e] = dh.T @ xe
-        dx_sorted[start:end] = dh @ w_up[e]
+        _mm_into(dw1[e], dh.T, xe)
+        _mm_into(dx_sorted[start:end], dh, w_up[e])
     dx = combine_rows(dx_sorted, row_of_assignment, None)
     dweights = torch.zeros(tokens * k, dtype=acc).index_put_((assignment_of_row[valid],), dgate[valid])
     return dx, dw1, dw2, dweights.view(tokens, k)
