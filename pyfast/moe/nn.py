@@ -13,6 +13,8 @@ from .experts import moe_mlp
 from .ops import load_balancing_loss, router_z_loss, topk_gating
 from .routing import expert_capacity
 
+__all__ = ["MoEAuxLosses", "SparseMoE", "temperature_schedule"]
+
 ROUTERS = ("softmax", "sigmoid_bias")
 
 
@@ -46,8 +48,11 @@ class SparseMoE(nn.Module):
             (slot-then-token priority); None keeps every assignment (dropless).
         num_shared_experts: always-on experts (DeepSeekMoE), one dense MLP of width
             ``num_shared_experts * d_ff`` added to the output.
+        residual: DeepSpeed-MoE's Residual-MoE: a dense MLP of width ``d_ff`` beside the experts,
+            mixed per token as ``c_0 * moe(x) + c_1 * mlp(x)``, ``c = softmax(Linear(d_model, 2)(x))``
+            (usually with ``k=1``: the expert acts as a correction of the dense MLP).
         temperature: softmax temperature of the router (a float; may be changed between steps,
-            e.g. annealed from dense to sparse gating).
+            e.g. annealed from dense to sparse gating with `temperature_schedule`).
         bias_update_rate: step of the routing-bias update of ``"sigmoid_bias"``.
 
     Shapes: ``forward(x (..., d_model)) -> (y (..., d_model), MoEAuxLosses)``.
@@ -64,6 +69,7 @@ class SparseMoE(nn.Module):
         activation: str = "swiglu",
         capacity_factor: Optional[float] = None,
         num_shared_experts: int = 0,
+        residual: bool = False,
         temperature: float = 1.0,
         bias_update_rate: float = 1e-3,
         device=None,
@@ -93,6 +99,10 @@ class SparseMoE(nn.Module):
         self.shared = None
         if num_shared_experts:
             self.shared = _DenseMLP(d_model, num_shared_experts * d_ff, activation, **factory)
+        self.residual_mlp = self.coefficient = None
+        if residual:
+            self.residual_mlp = _DenseMLP(d_model, d_ff, activation, **factory)
+            self.coefficient = nn.Linear(d_model, 2, **factory)
         self.register_buffer("routing_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(num_experts, device=device, dtype=torch.float32))
         self.reset_parameters()
@@ -119,6 +129,9 @@ class SparseMoE(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(flat.shape[0], self.num_experts, self.k, self.capacity_factor)
         out = moe_mlp(flat, self.w_gate_up, self.w_down, weights, experts, activation=self.activation, capacity=capacity)
+        if self.residual_mlp is not None:
+            c = torch.softmax(self.coefficient(flat), dim=-1)
+            out = out * c[:, :1] + self.residual_mlp(flat) * c[:, 1:]
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.training and sigmoid:
@@ -137,6 +150,18 @@ class SparseMoE(nn.Module):
         load = self.expert_load
         self.routing_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
+
+
+def temperature_schedule(step: int, total_steps: int, *, start: float = 2.0, end: float = 0.5) -> float:
+    """Router temperature annealed geometrically from ``start`` to ``end`` over ``total_steps``
+    (dense-to-sparse gating, Nie et al. 2021: a high temperature spreads the gate weights over the
+    experts early in training, a low one makes them sharp later); ``end`` after ``total_steps``.
+    Set ``layer.temperature = temperature_schedule(step, total)`` before each step."""
+    if not (start > 0 and end > 0):
+        raise ValueError(f"temperature_schedule: start and end must be > 0, got {start} and {end}")
+    check_int("temperature_schedule", "total_steps", total_steps, low=1)
+    fraction = min(max(step, 0), total_steps) / total_steps
+    return start * (end / start) ** fraction
 
 
 class _DenseMLP(nn.Module):

@@ -4,7 +4,7 @@ import torch
 
 import pyfast
 from kernel_cases import assert_close
-from pyfast.moe.nn import SparseMoE
+from pyfast.moe.nn import SparseMoE, temperature_schedule
 
 
 def _layer(**kwargs):
@@ -14,8 +14,9 @@ def _layer(**kwargs):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"router": "sigmoid_bias"}, {"capacity_factor": 0.5}, {"num_shared_experts": 2, "activation": "gelu"}],
-    ids=["softmax", "sigmoid_bias", "capacity", "shared"],
+    [{}, {"router": "sigmoid_bias"}, {"capacity_factor": 0.5}, {"num_shared_experts": 2, "activation": "gelu"},
+     {"residual": True, "temperature": 0.7}],
+    ids=["softmax", "sigmoid_bias", "capacity", "shared", "residual"],
 )
 def test_sparse_moe_matches_reference_ops(kwargs):
     layer = _layer(**kwargs)
@@ -107,3 +108,19 @@ def test_bad_arguments():
         SparseMoE(8, 8, 4, 2)(torch.randn(3, 7))
     with pytest.raises(ValueError, match=r"capacity_factor must be > 0"):
         SparseMoE(8, 8, 4, 2, capacity_factor=0.0)
+
+
+def test_temperature_schedule_anneals_dense_to_sparse():
+    temps = [temperature_schedule(s, 10, start=2.0, end=0.5) for s in range(12)]
+    assert temps[0] == 2.0 and abs(temps[10] - 0.5) < 1e-12 and temps[11] == temps[10]
+    assert all(a > b for a, b in zip(temps[:10], temps[1:11]))
+    layer = _layer()
+    x = torch.randn(64, 12)
+    spread = []
+    for t in (temps[0], temps[10]):
+        logits = layer.gate(x)
+        weights, _ = pyfast.moe.topk_gating(logits, 2, temperature=t)
+        spread.append(weights.max(dim=-1).values.mean().item())
+    assert spread[0] < spread[1]  # sharper (sparser) top-k weights at the low temperature
+    with pytest.raises(ValueError, match="start and end must be > 0"):
+        temperature_schedule(0, 10, end=0.0)
