@@ -11,6 +11,7 @@ expert MLP, weighted combine, aux losses.
 """
 from . import activations, nn, reference
 from .experts import grouped_mm, moe_mlp
+from .hf import patch_hf
 from .ops import (
     MAX_EXPERTS,
     MAX_K,
@@ -34,6 +35,7 @@ __all__ = [
     "load_balancing_loss",
     "moe_mlp",
     "num_rows",
+    "patch_hf",
     "permute",
     "reference",
     "route",
