@@ -1,7 +1,9 @@
 """grouped_mm and moe_mlp kernels against the reference: values, gradients, empty experts,
-T = 0 / 1 / odd, capacity dropping, strides, opcheck, torch.compile."""
+T = 0 / 1 / odd, capacity dropping, strides, opcheck, random shapes (hypothesis)."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pyfast
 from expert_inputs import expert_mlp_inputs
@@ -184,3 +186,17 @@ def test_reference_backend_runs_the_loop():
         out = pyfast.moe.moe_mlp(*inputs)
     assert pyfast.backend_for("moe.moe_mlp", inputs[0]).backend == "cpu"
     torch.testing.assert_close(out, reference.moe_mlp(*inputs))
+
+
+@settings(max_examples=20, deadline=None)
+@given(data=st.data())
+def test_moe_mlp_random_shapes_cpu(data):
+    E = data.draw(st.integers(1, 20), label="E")
+    k = data.draw(st.integers(1, min(E, 4)), label="k")
+    T, d, ffn = (data.draw(st.integers(lo, hi), label=n) for n, lo, hi in (("T", 0, 40), ("d", 1, 24), ("ffn", 1, 16)))
+    capacity = data.draw(st.one_of(st.none(), st.integers(1, 8)), label="capacity")
+    activation = data.draw(st.sampled_from(ACTIVATIONS), label="activation")
+    inputs = expert_mlp_inputs(T, E, k, d, ffn, torch.float32, "cpu", activation, skew=data.draw(st.booleans()))
+    with pyfast.use_backend("cpu"):
+        out = pyfast.moe.moe_mlp(*inputs, activation=activation, capacity=capacity)
+    assert_close(out, _reference64(inputs, activation, capacity), torch.float32)
