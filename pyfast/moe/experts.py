@@ -233,9 +233,9 @@ def moe_mlp(
             f"got {tuple(experts.shape)} and {tuple(weights.shape)}"
         )
     check_same_device(fn, x=x, w_gate_up=w_gate_up, w_down=w_down, weights=weights, experts=experts)
+    _check_expert_ids(fn, experts, num_experts)
     backend = _choose("moe.moe_mlp", x, num_experts, experts.shape[1])
     if backend == "reference":
-        _check_expert_ids(fn, experts, num_experts)
         return reference.moe_mlp(x, w_gate_up, w_down, weights, experts, activation=activation, capacity=capacity)
     routing = _route(experts, num_experts, capacity, None)
     out, _ = _moe_mlp_op(
