@@ -12,6 +12,7 @@ import torch
 import triton
 
 from ... import _alloc, _ext
+from ...moe import activations
 
 from ._utils import compute_dtype
 from .grouped_gemm import (
@@ -63,11 +64,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _gemm(a, a_rows_gathered, b, b_strides, counts, offsets, assignment, out, *, n, k, top_k, rows_per_expert,
-          act=0, gated=False, n_half=0, hidden=None, scatter=False, gate=None):
-    """Launch `_grouped_gemm_kernel` over every tile of the grouped rows of ``assignment``."""
+def _gemm(a, a_rows_gathered, b, b_strides, counts, offsets, rows, out, *, n, k, top_k, rows_per_expert,
+          assignment=None, act=0, gated=False, n_half=0, hidden=None, scatter=False, gate=None):
+    """Launch `_grouped_gemm_kernel` over every tile of the ``rows`` grouped rows (``assignment``:
+    the routing's assignment_of_row, needed to gather or scatter)."""
     compute_dtype(a.dtype)
-    rows = assignment.shape[0]
     if rows == 0 or n == 0:
         return
     cfg = gemm_config(rows_per_expert, n, k, a.dtype)
@@ -77,7 +78,7 @@ def _gemm(a, a_rows_gathered, b, b_strides, counts, offsets, assignment, out, *,
         a, a.stride(0),
         b, b.stride(0), b_strides[0], b_strides[1],
         schedule.expert, schedule.row_start, schedule.row_end,
-        assignment, gate if gate is not None else a,
+        assignment if assignment is not None else counts, gate if gate is not None else a,
         out, out.stride(0),
         hidden if hidden is not None else out, hidden.stride(0) if hidden is not None else 0,
         n, k, n_half,
@@ -88,14 +89,20 @@ def _gemm(a, a_rows_gathered, b, b_strides, counts, offsets, assignment, out, *,
     )
 
 
+def _wgrad_blocks(rows_per_expert: float, i: int, j: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M rows reduced per step, BLOCK_I, BLOCK_J, num_warps) of `_grouped_wgrad_kernel`."""
+    if _ext.triton_interpret():
+        return 16, 16, 16, 1
+    pow2 = lambda v: max(16, triton.next_power_of_2(max(int(v), 1)))  # noqa: E731
+    return min(64, pow2(rows_per_expert)), min(64, pow2(i)), min(64, pow2(j)), 4
+
+
 def _wgrad(left, gather_left, right, gather_right, counts, offsets, assignment, dw, *, top_k, rows_per_expert):
     """dw[e] = left_e.T @ right_e over expert e's rows (dw (E, I, J), fully written)."""
     num_experts, i, j = dw.shape
     if dw.numel() == 0:
         return
-    cfg = gemm_config(rows_per_expert, max(i, j), 0, left.dtype)
-    block_i = min(64, max(16, triton.next_power_of_2(i))) if not _ext.triton_interpret() else 16
-    block_j = min(64, max(16, triton.next_power_of_2(j))) if not _ext.triton_interpret() else 16
+    block_m, block_i, block_j, warps = _wgrad_blocks(rows_per_expert, i, j)
     grid = (num_experts, triton.cdiv(i, block_i) * triton.cdiv(j, block_j))
     _grouped_wgrad_kernel[grid](
         left, left.stride(0), right, right.stride(0),
@@ -103,8 +110,7 @@ def _wgrad(left, gather_left, right, gather_right, counts, offsets, assignment, 
         dw, dw.stride(0), dw.stride(1), dw.stride(2),
         i, j,
         TOP_K=top_k, GATHER_L=gather_left, GATHER_R=gather_right, PRECISION=_precision(left.dtype),
-        BLOCK_M=max(16, min(cfg.block_m, 64)), BLOCK_I=block_i, BLOCK_J=block_j,
-        num_warps=4 if not _ext.triton_interpret() else 1,
+        BLOCK_M=block_m, BLOCK_I=block_i, BLOCK_J=block_j, num_warps=warps,
     )
 
 
@@ -117,8 +123,7 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: 
     rows, k = a.shape
     n = w.shape[2] if trans_w else w.shape[1]
     out = torch.zeros((rows, n), dtype=a.dtype, device=a.device)  # padding / unused rows stay zero
-    assignment = torch.arange(rows, device=a.device)  # only its length and the rows' identity are used
-    _gemm(a, False, w, _linear_strides(w, trans_w), counts, offsets, assignment, out,
+    _gemm(a, False, w, _linear_strides(w, trans_w), counts, offsets, rows, out,
           n=n, k=k, top_k=1, rows_per_expert=rows / max(counts.shape[0], 1))
     return out
 
@@ -126,8 +131,8 @@ def grouped_mm(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: 
 def grouped_mm_wgrad(grad, a, counts, offsets, num_experts: int, trans_w: bool) -> torch.Tensor:
     left, right = (a, grad) if trans_w else (grad, a)
     dw = _alloc.empty((num_experts, left.shape[1], right.shape[1]), a.dtype, a.device)
-    assignment = torch.arange(a.shape[0], device=a.device)
-    _wgrad(left, False, right, False, counts, offsets, assignment, dw, top_k=1,
+    # No gather on either side: the assignment argument is unused (counts stands in).
+    _wgrad(left, False, right, False, counts, offsets, counts, dw, top_k=1,
            rows_per_expert=a.shape[0] / max(num_experts, 1))
     return dw
 
@@ -140,8 +145,6 @@ def _kept_slots(row_of_assignment: torch.Tensor) -> torch.Tensor:
 
 
 def moe_mlp_fwd(x, w1, w2, weights, row_of_assignment, assignment_of_row, counts, offsets, activation: str):
-    from pyfast.moe import activations
-
     (tokens, top_k), d = row_of_assignment.shape, x.shape[1]
     rows, ffn = assignment_of_row.shape[0], w2.shape[2]
     gated = activations.is_gated(activation)
@@ -150,20 +153,19 @@ def moe_mlp_fwd(x, w1, w2, weights, row_of_assignment, assignment_of_row, counts
     hidden = torch.zeros((rows, w1.shape[1]), dtype=x.dtype, device=x.device)
     act = torch.empty((rows, ffn), dtype=x.dtype, device=x.device)
     # GEMM 1: gathered token rows, activation in the epilogue (hidden kept for the backward).
-    _gemm(x, True, w1, _linear_strides(w1, False), counts, offsets, assignment_of_row, act,
-          n=ffn, k=d, top_k=top_k, rows_per_expert=per_expert, act=ACT_CODES[unary], gated=gated, n_half=ffn,
-          hidden=hidden)
+    _gemm(x, True, w1, _linear_strides(w1, False), counts, offsets, rows, act,
+          n=ffn, k=d, top_k=top_k, rows_per_expert=per_expert, assignment=assignment_of_row,
+          act=ACT_CODES[unary], gated=gated, n_half=ffn, hidden=hidden)
     # GEMM 2: gate-weighted rows scattered to their (token, slot); the combine sums the k slots.
     slots = torch.empty((tokens * top_k, d), dtype=x.dtype, device=x.device)
-    _gemm(act, False, w2, _linear_strides(w2, False), counts, offsets, assignment_of_row, slots,
-          n=d, k=ffn, top_k=top_k, rows_per_expert=per_expert, scatter=True, gate=weights)
+    _gemm(act, False, w2, _linear_strides(w2, False), counts, offsets, rows, slots,
+          n=d, k=ffn, top_k=top_k, rows_per_expert=per_expert, assignment=assignment_of_row, scatter=True,
+          gate=weights)
     return combine_rows(slots, _kept_slots(row_of_assignment), None), hidden
 
 
 def moe_mlp_bwd(grad_out, x, w1, w2, weights, hidden, row_of_assignment, assignment_of_row, counts, offsets,
                 activation: str):
-    from pyfast.moe import activations
-
     (tokens, top_k), d = row_of_assignment.shape, x.shape[1]
     rows, ffn = assignment_of_row.shape[0], w2.shape[2]
     gated = activations.is_gated(activation)
@@ -196,8 +198,8 @@ def moe_mlp_bwd(grad_out, x, w1, w2, weights, hidden, row_of_assignment, assignm
     dw1 = _alloc.empty(w1.shape, w1.dtype, w1.device)
     _wgrad(dh, False, x, True, counts, offsets, assignment_of_row, dw1, top_k=top_k, rows_per_expert=per_expert)
     slots = torch.empty((tokens * top_k, d), dtype=x.dtype, device=x.device)
-    _gemm(dh, False, w1, _linear_strides(w1, True), counts, offsets, assignment_of_row, slots,
-          n=d, k=w1.shape[1], top_k=top_k, rows_per_expert=per_expert, scatter=True)
+    _gemm(dh, False, w1, _linear_strides(w1, True), counts, offsets, rows, slots,
+          n=d, k=w1.shape[1], top_k=top_k, rows_per_expert=per_expert, assignment=assignment_of_row, scatter=True)
     dx = combine_rows(slots, _kept_slots(row_of_assignment), None)
     valid = assignment_of_row >= 0
     dweights = torch.zeros(tokens * top_k, dtype=torch.float32, device=x.device)
