@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from .experts import moe_mlp
 from .ops import load_balancing_loss, router_z_loss, topk_gating
 from .routing import expert_capacity
 
-__all__ = ["MoEAuxLosses", "SparseMoE", "temperature_schedule"]
+__all__ = ["MoEAuxLosses", "PyramidMoE", "SparseMoE", "temperature_schedule"]
 
 ROUTERS = ("softmax", "sigmoid_bias")
 
@@ -150,6 +150,21 @@ class SparseMoE(nn.Module):
         load = self.expert_load
         self.routing_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()
+
+
+class PyramidMoE(nn.ModuleList):
+    """DeepSpeed-MoE's PR-MoE layout: one Residual-MoE layer (`SparseMoE` with ``residual=True``,
+    top-``k`` experts as a correction of a dense MLP) per MoE position of a model, with its own
+    expert count, typically more experts in later layers (e.g. ``[32] * 10 + [64] * 2``).
+
+    ``pyramid[i](x)`` runs the MoE of position ``i``; other `SparseMoE` options pass through.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, num_experts: Sequence[int], k: int = 1, **kwargs):
+        experts = list(num_experts)
+        if not experts:
+            raise ValueError("PyramidMoE: num_experts must list the expert count of at least one layer, got []")
+        super().__init__(SparseMoE(d_model, d_ff, e, k, residual=True, **kwargs) for e in experts)
 
 
 def temperature_schedule(step: int, total_steps: int, *, start: float = 2.0, end: float = 0.5) -> float:

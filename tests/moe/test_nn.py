@@ -4,7 +4,7 @@ import torch
 
 import pyfast
 from kernel_cases import assert_close
-from pyfast.moe.nn import SparseMoE, temperature_schedule
+from pyfast.moe.nn import PyramidMoE, SparseMoE, temperature_schedule
 
 
 def _layer(**kwargs):
@@ -124,3 +124,16 @@ def test_temperature_schedule_anneals_dense_to_sparse():
     assert spread[0] < spread[1]  # sharper (sparser) top-k weights at the low temperature
     with pytest.raises(ValueError, match="start and end must be > 0"):
         temperature_schedule(0, 10, end=0.0)
+
+
+def test_pyramid_moe_layers():
+    pyramid = PyramidMoE(12, 8, [3, 3, 6], k=1, capacity_factor=2.0)
+    x = torch.randn(5, 12)
+    assert [layer.num_experts for layer in pyramid] == [3, 3, 6]
+    assert all(layer.residual_mlp is not None and layer.k == 1 for layer in pyramid)
+    out, aux = pyramid[2](x)
+    with pyfast.use_backend("reference"):
+        ref, _ = pyramid[2](x)
+    assert_close(out, ref, torch.float32)
+    with pytest.raises(ValueError, match=r"PyramidMoE: num_experts must list"):
+        PyramidMoE(12, 8, [])
