@@ -47,7 +47,7 @@ def test_tiny_moe_language_model_learns():
     params = [*embed.parameters(), *moe.parameters(), *head.parameters()]
     opt = torch.optim.Adam(params, lr=1e-2)
     losses = []
-    for _ in range(40):
+    for _ in range(30):
         tokens = torch.randint(0, vocab, (8, 16))
         h = embed(tokens)
         y, aux = moe(h)
