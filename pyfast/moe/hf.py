@@ -46,11 +46,10 @@ def _activation_of(experts: nn.Module):
 
 
 def _pyfast_experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
-    out = moe_mlp(
+    return moe_mlp(
         hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
         activation=self._pyfast_activation,
     )
-    return out
 
 
 def patch_hf(model: nn.Module) -> int:
