@@ -1,18 +1,20 @@
 """The CPU backend of pyfast.moe: torch glue over the C++ kernels in ``pyfast._C`` (csrc/cpu/moe).
 
-Implements the kernel-backend contract that `ops.py` dispatches to, except the aux losses (on the
-CPU torch's vectorized softmax beat a C++ kernel, so they run the reference). Each function allocates the
+Implements the kernel-backend contract that `ops.py` / `experts.py` dispatch to, except the aux losses
+(on the CPU torch's vectorized softmax beat a C++ kernel, so they run the reference). The expert
+GEMMs are torch's BLAS on each expert's contiguous rows, between the C++ row gather and combine. Each function allocates the
 outputs and passes addresses, sizes, row strides and dtype tags. Inputs arrive validated, with a
 unit stride along the last axis and contiguous index tensors (see ops.py).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _alloc, _ext
+from . import activations
 from .reference import compute_dtype
 
 _TAG = _ext.DTYPE_TAG
@@ -100,3 +102,135 @@ def combine_weights_grad(grad_out: Tensor, y: Tensor, row_of_assignment: Tensor)
         row_of_assignment.data_ptr(), tokens, k, grad_weights.data_ptr(),
     )
     return grad_weights
+
+
+# --------------------------------------------------------------------------------------------------
+# Expert compute: the C++ row gather / combine around per-expert BLAS GEMMs (torch.mm) on the
+# contiguous row segment of each expert. 16-bit inputs are computed in float32 (this CPU's
+# float32 GEMM is several times faster than its 16-bit one), one expert's weights at a time
+# converted into a reused buffer.
+# --------------------------------------------------------------------------------------------------
+
+
+def _segments(counts: Tensor, offsets: Tensor) -> List[Tuple[int, int, int]]:
+    """``(expert, first row, end row)`` of every non-empty expert segment."""
+    return [(e, s, s + c) for e, (s, c) in enumerate(zip(offsets.tolist(), counts.tolist())) if c]
+
+
+def _zero_gaps(out: Tensor, segments: List[Tuple[int, int, int]]) -> None:
+    """Zero the rows of ``out`` outside the segments (padding, unused tail)."""
+    previous = 0
+    for _, start, end in segments + [(None, out.shape[0], out.shape[0])]:
+        if start > previous:
+            out[previous:start].zero_()
+        previous = end
+
+
+class _ExpertWeights:
+    """``w[e]`` in the compute dtype; 16-bit weights are converted into one reused buffer."""
+
+    def __init__(self, w: Tensor):
+        self.w = w
+        acc = compute_dtype(w.dtype)
+        self.buffer = None if w.dtype == acc else torch.empty(w.shape[1:], dtype=acc)
+
+    def __getitem__(self, e: int) -> Tensor:
+        return self.w[e] if self.buffer is None else self.buffer.copy_(self.w[e])
+
+
+def _acc(t: Tensor) -> Tensor:
+    return t.to(compute_dtype(t.dtype))
+
+
+def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a @ b``, written by the GEMM itself when ``out`` has the compute dtype."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def grouped_mm(a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: bool) -> Tensor:
+    """``(R, N)`` in ``a.dtype``: ``a[r] @ w[e].T`` (``w (E, N, K)``), or ``a[r] @ w[e]``
+    (``w (E, K, N)``) when ``trans_w``, on each expert's rows; zero rows elsewhere."""
+    n = w.shape[2] if trans_w else w.shape[1]
+    out = _alloc.empty((a.shape[0], n), a.dtype, a.device)
+    segments = _segments(counts, offsets)
+    _zero_gaps(out, segments)
+    weight = _ExpertWeights(w)
+    for e, start, end in segments:
+        we = weight[e]
+        _mm_into(out[start:end], _acc(a[start:end]), we if trans_w else we.T)
+    return out
+
+
+def grouped_mm_wgrad(grad: Tensor, a: Tensor, counts: Tensor, offsets: Tensor, num_experts: int, trans_w: bool) -> Tensor:
+    """Weight gradient of `grouped_mm`: ``grad_e.T @ a_e`` ``(E, N, K)``, or ``a_e.T @ grad_e``
+    ``(E, K, N)`` when ``trans_w``; zero for empty experts. In ``a.dtype``."""
+    shape = (num_experts, a.shape[1], grad.shape[1]) if trans_w else (num_experts, grad.shape[1], a.shape[1])
+    dw = torch.zeros(shape, dtype=a.dtype, device=a.device)
+    for e, start, end in _segments(counts, offsets):
+        g, x = _acc(grad[start:end]), _acc(a[start:end])
+        if trans_w:
+            _mm_into(dw[e], x.T, g)
+        else:
+            _mm_into(dw[e], g.T, x)
+    return dw
+
+
+def moe_mlp_fwd(
+    x: Tensor, w1: Tensor, w2: Tensor, weights: Tensor, row_of_assignment: Tensor, assignment_of_row: Tensor,
+    counts: Tensor, offsets: Tensor, activation: str,
+) -> Tuple[Tensor, Tensor]:
+    """``(out (T, d) x.dtype, hidden (R, H) x.dtype)``; ``hidden`` (the first GEMM's output, zero
+    outside the segments) is kept for the backward."""
+    k = row_of_assignment.shape[1]
+    rows, d = assignment_of_row.shape[0], x.shape[1]
+    x_sorted = gather_rows(x, assignment_of_row, k, None)
+    hidden = _alloc.empty((rows, w1.shape[1]), x.dtype, x.device)
+    y = _alloc.empty((rows, d), x.dtype, x.device)
+    segments = _segments(counts, offsets)
+    _zero_gaps(hidden, segments)
+    _zero_gaps(y, segments)
+    w_up, w_down = _ExpertWeights(w1), _ExpertWeights(w2)
+    for e, start, end in segments:
+        h = _acc(x_sorted[start:end]) @ w_up[e].T
+        hidden[start:end] = h
+        _mm_into(y[start:end], activations.apply(h, activation), w_down[e].T)
+    return combine_rows(y, row_of_assignment, weights), hidden
+
+
+def moe_mlp_bwd(
+    grad_out: Tensor, x: Tensor, w1: Tensor, w2: Tensor, weights: Tensor, hidden: Tensor,
+    row_of_assignment: Tensor, assignment_of_row: Tensor, counts: Tensor, offsets: Tensor, activation: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx (T, d), dw1, dw2, dweights (T, k) compute dtype)`` of `moe_mlp_fwd`.
+
+    Per expert, with g the unweighted output gradient of each row and w its gate weight:
+    ``da = g @ w2``; ``dweight = <da, act(h)>``; ``dw2 = g.T @ (w * act(h))``;
+    ``dh = act'(h) (w * da)``; ``dw1 = dh.T @ x``; ``dx_row = dh @ w1``, summed back per token.
+    """
+    tokens, k = row_of_assignment.shape
+    acc = compute_dtype(x.dtype)
+    g_sorted = gather_rows(grad_out.to(x.dtype), assignment_of_row, k, None)
+    x_sorted = gather_rows(x, assignment_of_row, k, None)
+    valid = assignment_of_row >= 0
+    gate = torch.where(valid, weights.reshape(-1)[assignment_of_row.clamp(min=0)], 0)
+    dgate = torch.zeros(assignment_of_row.shape[0], dtype=acc)
+    dx_sorted = _alloc.empty(x_sorted.shape, x.dtype, x.device)
+    dw1 = torch.zeros(w1.shape, dtype=w1.dtype)
+    dw2 = torch.zeros(w2.shape, dtype=w2.dtype)
+    w_up, w_down = _ExpertWeights(w1), _ExpertWeights(w2)
+    for e, start, end in _segments(counts, offsets):
+        h, g, xe = _acc(hidden[start:end]), _acc(g_sorted[start:end]), _acc(x_sorted[start:end])
+        wr = gate[start:end, None]
+        a = activations.apply(h, activation)
+        da = g @ w_down[e]
+        dgate[start:end] = (da * a).sum(dim=1)
+        _mm_into(dw2[e], g.T, a * wr)
+        dh = activations.backward(h, da * wr, activation)
+        _mm_into(dw1[e], dh.T, xe)
+        _mm_into(dx_sorted[start:end], dh, w_up[e])
+    dx = combine_rows(dx_sorted, row_of_assignment, None)
+    dweights = torch.zeros(tokens * k, dtype=acc).index_put_((assignment_of_row[valid],), dgate[valid])
+    return dx, dw1, dw2, dweights.view(tokens, k)

@@ -1,4 +1,4 @@
-"""Specification of pyfast's MoE routing ops in plain torch.
+"""Specification of pyfast's MoE ops (routing and expert compute) in plain torch.
 
 Every kernel in `pyfast.moe` is tested against these functions. They accept any floating dtype
 (float64 included), compute in at least float32, and get their gradients from torch autograd.
@@ -12,6 +12,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from . import activations
 from .routing import Routing, num_rows
 
 
@@ -140,3 +141,49 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     if z.numel() == 0:
         return z.sum()  # 0, still attached to the graph
     return (z * z).mean()
+
+
+def grouped_mm(x_sorted: torch.Tensor, w: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Per-expert GEMMs over the grouped rows: ``(R, n)`` in ``x_sorted.dtype``.
+
+    ``w`` is ``(E, n, k)`` (the ``nn.Linear`` layout of each expert: out features, in features).
+    Rows ``offsets[e] : offsets[e] + counts[e]`` of ``x_sorted (R, k)`` are multiplied by
+    ``w[e].T``; padding and unused rows give zeros. Computed in float32 (float64 for float64).
+    """
+    acc = compute_dtype(x_sorted.dtype)
+    out = x_sorted.new_zeros((x_sorted.shape[0], w.shape[1]), dtype=acc)
+    starts, counts = routing.offsets.tolist(), routing.counts.tolist()
+    for e, (start, count) in enumerate(zip(starts, counts)):
+        rows = slice(start, start + count)
+        out[rows] = x_sorted[rows].to(acc) @ w[e].to(acc).T
+    return out.to(x_sorted.dtype)
+
+
+def moe_mlp(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    weights: torch.Tensor,
+    experts: torch.Tensor,
+    *,
+    activation: str = "swiglu",
+    capacity: Optional[int] = None,
+) -> torch.Tensor:
+    """Sparse expert MLP, the loop over experts: ``(T, d)`` in ``x.dtype``.
+
+    ``out[t] = sum_j weights[t, j] * w_down[e] @ act(w_gate_up[e] @ x[t])`` with ``e = experts[t, j]``,
+    over the assignments kept by ``route(experts, E, capacity=capacity)``. Shapes: ``x (T, d)``,
+    ``w_gate_up (E, h, d)`` with ``h = 2 * ffn`` for gated activations (gate rows first) else ``ffn``,
+    ``w_down (E, d, ffn)``, ``weights (T, k)``, ``experts (T, k)``. Computed in float32 (float64 for
+    float64) and rounded once.
+    """
+    acc = compute_dtype(x.dtype)
+    num_experts = w_gate_up.shape[0]
+    kept = route(experts, num_experts, capacity=capacity).row_of_assignment >= 0
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    for e in range(num_experts):
+        token, slot = torch.where((experts == e) & kept)
+        hidden = x[token].to(acc) @ w_gate_up[e].to(acc).T
+        y = activations.apply(hidden, activation) @ w_down[e].to(acc).T
+        out = out.index_add(0, token, y * weights[token, slot].to(acc)[:, None])
+    return out.to(x.dtype)

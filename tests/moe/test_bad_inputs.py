@@ -9,6 +9,7 @@ moe = pyfast.moe
 LOGITS = torch.randn(6, 8)
 X = torch.randn(6, 4)
 EXPERTS = random_experts(6, 8, 2)
+W_UP, W_DOWN, GATES = torch.randn(8, 10, 4), torch.randn(8, 4, 5), torch.rand(6, 2)
 
 
 def _routing():
@@ -45,6 +46,19 @@ BAD_CALLS = [
     (lambda: moe.load_balancing_loss(LOGITS, EXPERTS, input="scores"), ValueError, r"input must be one of \('logits', 'probs'\)"),
     (lambda: moe.load_balancing_loss(LOGITS, EXPERTS + 100), ValueError, r"experts must hold ids in \[0, 8\)"),
     (lambda: moe.router_z_loss(LOGITS[0]), ValueError, r"logits must be 2-D"),
+    (lambda: moe.moe_mlp(X, W_UP[:, :, :3], W_DOWN, GATES, EXPERTS), ValueError, r"moe_mlp: w_gate_up must have shape \(8, 10, 4\) \(experts, 2 \* ffn for 'swiglu', d\), got \(8, 10, 3\)"),
+    (lambda: moe.moe_mlp(X, W_UP, W_DOWN, GATES, EXPERTS, activation="gelu"), ValueError, r"w_gate_up must have shape \(8, 5, 4\) \(experts, ffn for 'gelu', d\)"),
+    (lambda: moe.moe_mlp(X, W_UP, W_DOWN[:, :3], GATES, EXPERTS), ValueError, r"moe_mlp: w_down must have shape \(experts, 4, ffn\) \(d of x is 4\), got \(8, 3, 5\)"),
+    (lambda: moe.moe_mlp(X, W_UP.double(), W_DOWN, GATES, EXPERTS), TypeError, r"moe_mlp: x, w_gate_up, w_down must have one dtype, got x is torch.float32, w_gate_up is torch.float64"),
+    (lambda: moe.moe_mlp(X, W_UP, W_DOWN, GATES, EXPERTS, activation="tanh"), ValueError, r"moe_mlp: activation must be one of \('swiglu', 'geglu', 'silu', 'gelu', 'relu'\), got 'tanh'"),
+    (lambda: moe.moe_mlp(X, W_UP, W_DOWN, GATES[:, :1], EXPERTS), ValueError, r"moe_mlp: experts and weights must have shape \(6, k\).*got \(6, 2\) and \(6, 1\)"),
+    (lambda: moe.moe_mlp(X, W_UP, W_DOWN, GATES, EXPERTS + 8), ValueError, r"moe_mlp: experts must hold ids in \[0, 8\)"),
+    (lambda: moe.moe_mlp(X, W_UP, W_DOWN, GATES, EXPERTS, capacity=0), ValueError, r"moe_mlp: capacity must be in \[1, inf\]"),
+    (lambda: moe.moe_mlp(X, W_UP[0], W_DOWN, GATES, EXPERTS), ValueError, r"moe_mlp: w_gate_up must be 3-D \(experts, h, d\), got shape \(10, 4\)"),
+    (lambda: moe.grouped_mm(torch.randn(12, 4), torch.randn(8, 3, 5), _routing()), ValueError, r"grouped_mm: w must have shape \(8, n, 4\) \(experts, n, k\), got \(8, 3, 5\)"),
+    (lambda: moe.grouped_mm(torch.randn(11, 4), torch.randn(8, 3, 4), _routing()), ValueError, r"grouped_mm: x_sorted must have routing's 12 rows, got 11"),
+    (lambda: moe.grouped_mm(torch.randn(12, 4), torch.randn(8, 3, 4).half(), _routing()), TypeError, r"grouped_mm: x_sorted, w must have one dtype"),
+    (lambda: moe.grouped_mm(torch.randn(12, 4), torch.randn(8, 3, 4), None), TypeError, r"grouped_mm: routing must be the Routing returned by permute/route, got NoneType"),
 ]
 
 

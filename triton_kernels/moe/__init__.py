@@ -3,6 +3,7 @@
 Exports exactly the kernel-backend contract functions (see pyfast/moe/ops.py); each launcher
 allocates its outputs, picks block sizes and launches the ``_<op>_*_kernel`` Triton kernels.
 """
+from .expert_mlp import grouped_mm, grouped_mm_wgrad, moe_mlp_bwd, moe_mlp_fwd
 from .aux_losses import load_balancing_loss_bwd, load_balancing_loss_fwd, router_z_loss_bwd, router_z_loss_fwd
 from .route import route
 from .rows import combine_rows, combine_weights_grad, gather_rows
@@ -19,4 +20,8 @@ __all__ = [
     "load_balancing_loss_bwd",
     "router_z_loss_fwd",
     "router_z_loss_bwd",
+    "grouped_mm",
+    "grouped_mm_wgrad",
+    "moe_mlp_fwd",
+    "moe_mlp_bwd",
 ]
