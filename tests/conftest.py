@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ["PYFAST_POISON"] = "1"  # kernel outputs start as NaN / sentinel (pyfast/_alloc.py)
 
+from kernel_cases import KERNEL_PARAMS, make_case  # noqa: E402
 from pyfast import _ext  # noqa: E402
 
 
@@ -29,3 +30,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=KERNEL_PARAMS)
+def kernel(request):
+    """One kernel backend under test (see tests/kernel_cases.py)."""
+    return make_case(request.param)
