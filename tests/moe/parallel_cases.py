@@ -67,7 +67,7 @@ def _check_layer(ranks, group, *, router, capacity_factor, seed):
     kwargs = dict(router=router, capacity_factor=capacity_factor, num_shared_experts=1, dtype=torch.float64)
     torch.manual_seed(seed)
     single = SparseMoE(D, FFN, E, K, **kwargs)
-    sharded = SparseMoE(D, FFN, E, K, process_group=group, **kwargs)
+    sharded = SparseMoE(D, FFN, E, K, process_group=group or dist.group.WORLD, **kwargs)
     start, local = sharded.expert_start, sharded.w_down.shape[0]
     assert local == E // world and start == me * local
     with torch.no_grad():
@@ -110,6 +110,7 @@ def _check_layer(ranks, group, *, router, capacity_factor, seed):
 
 
 def _check_group(ranks, group):
+    """Every check on the process group ``group`` (None: the default group) of global ``ranks``."""
     world = len(ranks)
     _check_mlp(ranks, group, tokens_of=lambda r: 7 + 2 * r, high=lambda w: E, activation="swiglu", capacity=None, seed=1)
     # the group's first rank sends nothing, its last rank receives nothing
@@ -122,10 +123,13 @@ def _check_group(ranks, group):
     _check_layer(ranks, group, router="softmax", capacity_factor=0.5, seed=4)
     _check_layer(ranks, group, router="sigmoid_bias", capacity_factor=None, seed=5)
     with pytest.raises(ValueError, match="divisible by the process group's world size"):
-        SparseMoE(D, FFN, world + 1, 1, process_group=group)
+        SparseMoE(D, FFN, world + 1, 1, process_group=group or dist.group.WORLD)
     with pytest.raises(ValueError, match="experts must hold ids in"):
         expert_parallel_mlp(torch.randn(1, D), torch.randn(1, 2 * FFN, D), torch.randn(1, D, FFN),
                             torch.ones(1, 1), torch.full((1, 1), world), group)
+    with pytest.raises(ValueError, match="w_gate_up_local and w_down_local must have shapes"):
+        expert_parallel_mlp(torch.randn(1, D), torch.randn(1, 2 * FFN, D), torch.randn(1, D + 1, FFN),
+                            torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.int64), group)
 
 
 def worker(rank, world, port):
@@ -133,7 +137,7 @@ def worker(rank, world, port):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        _check_group(list(range(world)), dist.group.WORLD)
+        _check_group(list(range(world)), None)
         pairs = [list(range(p, p + 2)) for p in range(0, world, 2)]
         groups = [dist.new_group(pair) for pair in pairs]  # every rank creates every group, in order
         _check_group(pairs[rank // 2], groups[rank // 2])
