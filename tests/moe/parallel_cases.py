@@ -27,7 +27,8 @@ def _rank_inputs(rank, tokens, high, seed):
 
 def _check_mlp(ranks, group, *, tokens_of, high, activation, capacity, seed):
     """expert_parallel_mlp on this rank of ``group`` (global ``ranks``) vs moe_mlp on every rank's
-    tokens with the full weights; ``tokens_of`` and ``high`` take the rank in the group."""
+    tokens with the full weights; ``tokens_of(rank in group)`` tokens per rank, expert ids below
+    ``high(group size)``."""
     me, world = ranks.index(dist.get_rank()), len(ranks)
     g = torch.Generator().manual_seed(seed)
     width = 2 * FFN if activation == "swiglu" else FFN
