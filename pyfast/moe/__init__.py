@@ -9,7 +9,7 @@ expert MLP, weighted combine, aux losses.
     # or the whole expert MLP in one op (gather, GEMM + activation, GEMM, weighted combine):
     out = pyfast.moe.moe_mlp(x, w_gate_up, w_down, weights, experts)  # w_gate_up (E, 2*ffn, d), w_down (E, d, ffn)
 """
-from . import activations, nn, reference
+from . import activations, nn, parallel, reference
 from .experts import grouped_mm, moe_mlp
 from .hf import patch_hf
 from .ops import (
@@ -22,6 +22,7 @@ from .ops import (
     topk_gating,
     unpermute,
 )
+from .parallel import expert_parallel_mlp, expert_shard
 from .routing import Routing, expert_capacity, num_rows
 
 __all__ = [
@@ -31,10 +32,13 @@ __all__ = [
     "activations",
     "nn",
     "expert_capacity",
+    "expert_parallel_mlp",
+    "expert_shard",
     "grouped_mm",
     "load_balancing_loss",
     "moe_mlp",
     "num_rows",
+    "parallel",
     "patch_hf",
     "permute",
     "reference",

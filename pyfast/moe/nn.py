@@ -11,6 +11,7 @@ from .._checks import check_choice, check_int
 from . import activations
 from .experts import moe_mlp
 from .ops import load_balancing_loss, router_z_loss, topk_gating
+from .parallel import expert_parallel_mlp, expert_shard
 from .routing import expert_capacity
 
 __all__ = ["MoEAuxLosses", "PyramidMoE", "SparseMoE", "temperature_schedule"]
@@ -54,6 +55,11 @@ class SparseMoE(nn.Module):
         temperature: softmax temperature of the router (a float; may be changed between steps,
             e.g. annealed from dense to sparse gating with `temperature_schedule`).
         bias_update_rate: step of the routing-bias update of ``"sigmoid_bias"``.
+        process_group: expert parallelism (`pyfast.moe.parallel`): a ``torch.distributed`` process
+            group (e.g. ``torch.distributed.group.WORLD``) of W ranks; this rank then holds only its
+            block of ``num_experts / W`` experts (from ``expert_start``) in ``w_gate_up`` /
+            ``w_down`` and exchanges tokens with the other ranks, which must run the layer in the
+            same step. The router, shared and residual MLPs stay replicated. None: all experts local.
 
     Shapes: ``forward(x (..., d_model)) -> (y (..., d_model), MoEAuxLosses)``.
     """
@@ -72,6 +78,7 @@ class SparseMoE(nn.Module):
         residual: bool = False,
         temperature: float = 1.0,
         bias_update_rate: float = 1e-3,
+        process_group=None,
         device=None,
         dtype=None,
     ):
@@ -93,9 +100,13 @@ class SparseMoE(nn.Module):
         self.router, self.activation = router, activation
         self.capacity_factor, self.temperature, self.bias_update_rate = capacity_factor, temperature, bias_update_rate
         self.gate = nn.Linear(d_model, num_experts, bias=False, **factory)
+        self.process_group = process_group
+        self.expert_start, local = 0, num_experts
+        if process_group is not None:
+            self.expert_start, local = expert_shard(num_experts, process_group)
         width = activations.hidden_width(activation, d_ff)
-        self.w_gate_up = nn.Parameter(torch.empty(num_experts, width, d_model, **factory))
-        self.w_down = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
+        self.w_gate_up = nn.Parameter(torch.empty(local, width, d_model, **factory))
+        self.w_down = nn.Parameter(torch.empty(local, d_model, d_ff, **factory))
         self.shared = None
         if num_shared_experts:
             self.shared = _DenseMLP(d_model, num_shared_experts * d_ff, activation, **factory)
@@ -128,7 +139,13 @@ class SparseMoE(nn.Module):
         capacity = None
         if self.capacity_factor is not None:
             capacity = expert_capacity(flat.shape[0], self.num_experts, self.k, self.capacity_factor)
-        out = moe_mlp(flat, self.w_gate_up, self.w_down, weights, experts, activation=self.activation, capacity=capacity)
+        if self.process_group is None:
+            out = moe_mlp(flat, self.w_gate_up, self.w_down, weights, experts, activation=self.activation, capacity=capacity)
+        else:
+            out = expert_parallel_mlp(
+                flat, self.w_gate_up, self.w_down, weights, experts, self.process_group,
+                activation=self.activation, capacity=capacity,
+            )
         if self.residual_mlp is not None:
             c = torch.softmax(self.coefficient(flat), dim=-1)
             out = out * c[:, :1] + self.residual_mlp(flat) * c[:, 1:]
