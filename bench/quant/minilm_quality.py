@@ -103,30 +103,32 @@ def embed(model, batch) -> torch.Tensor:
 
 
 def evaluate(model, tokenizer, settings, sentences=SENTENCES, progress=False, **options):
-    """Rows ``(bits, group, method, mean weight error, mean 1 - cosine, exponents)`` per setting;
-    ``options`` go to `pyfast.quant.quantize_model`."""
+    """Rows ``(bits, group, method, grid, mean weight error, mean 1 - cosine, exponents)`` per setting
+    ``(bits, group, method, grid)``, grid ``"symmetric"`` (all 2^bits levels) or ``"with zero"``
+    (``symmetric=False``); ``options`` go to `pyfast.quant.quantize_model`."""
     import pyfast
 
     batch = tokenizer(sentences, padding=True, return_tensors="pt")
     reference = embed(model, batch)
     rows = []
-    for bits, group, method in settings:
+    for bits, group, method, grid in settings:
         quantized = copy.deepcopy(model)
-        report = pyfast.quant.quantize_model(quantized, bits, method, group_size=group, progress=progress, **options)
+        report = pyfast.quant.quantize_model(quantized, bits, method, group_size=group, progress=progress,
+                                             symmetric=grid == "symmetric", **options)
         cos = (embed(quantized, batch) * reference).sum(-1)
         exps = sorted({r.exponent for r in report.layers})
-        rows.append((bits, group, method, report.mean_weight_error, (1 - cos).mean().item(), exps))
+        rows.append((bits, group, method, grid, report.mean_weight_error, (1 - cos).mean().item(), exps))
     return rows
 
 
 def markdown(rows) -> str:
     lines = [
-        "| bits | group | method | mean relative weight MSE | mean 1 - cosine | exponents chosen |",
-        "|---|---|---|---|---|---|",
+        "| bits | group | method | grid | mean relative weight MSE | mean 1 - cosine | exponents chosen |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for bits, group, method, werr, cerr, exps in rows:
+    for bits, group, method, grid, werr, cerr, exps in rows:
         span = f"{min(exps):.2f}" if len(exps) == 1 else f"{min(exps):.2f}-{max(exps):.2f}"
-        lines.append(f"| {bits} | {group or 'per-channel'} | {method} | {werr:.4f} | {cerr:.4f} | {span} |")
+        lines.append(f"| {bits} | {group or 'per-channel'} | {method} | {grid} | {werr:.4f} | {cerr:.4f} | {span} |")
     return "\n".join(lines)
 
 
@@ -136,12 +138,16 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model()
-    settings = [(b, g, m) for b in (4, 3) for g in (None, 128) for m in ("uniform", "powerquant")]
+    settings = [
+        (b, g, m, grid) for b in (4, 3) for g in (None, 128) for grid in ("symmetric", "with zero")
+        for m in ("uniform", "powerquant")
+    ]
     table = markdown(evaluate(model, tokenizer, settings, progress=True))
     header = (
         "# all-MiniLM-L6-v2: uniform vs power-exponent quantization (weights only)\n\n"
         f"All 36 Linear layers quantized; {len(SENTENCES)} fixed sentences (bench/quant/minilm_quality.py). Both\n"
-        "methods use all 2^bits levels of the symmetric grid and a per-group clip searched over 0.50-1.00;\n"
+        "methods search a per-group clip over 0.50-1.00 on one of two grids: `symmetric` (all 2^bits levels,\n"
+        "no zero) or `with zero` (`symmetric=False`: an exact zero, one level fewer on the positive side);\n"
         "powerquant also searches the exponent per layer over 0.50-1.00 (uniform: exponent 1).\n"
         "Weight MSE is relative (||W - Q(W)||^2 / ||W||^2), averaged over layers; cosine compares the\n"
         "sentence embeddings with the float32 model's.\n\n"
