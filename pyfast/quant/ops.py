@@ -20,7 +20,8 @@ from . import reference
 from .reference import DEFAULT_CLIPS, DEFAULT_EXPONENTS, SUPPORTED_BITS, QuantizedTensor, SearchResult
 
 _GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-register_op("quant.power_linear", cpu=(torch.float32, torch.float16, torch.bfloat16), triton=_GPU_FLOATS)
+register_op("quant.power_linear", cpu=_GPU_FLOATS, triton=_GPU_FLOATS)
+register_op("quant.dequantize", cpu=_GPU_FLOATS, triton=_GPU_FLOATS)
 _KERNEL_MODULES = {"cpu": "pyfast.quant._cpu", "triton": "pyfast.triton_kernels.quant"}
 KERNEL_GROUP_MULTIPLE = 8  # kernels decode blocks of 8 codes; other group sizes run the reference
 
@@ -149,7 +150,16 @@ def dequantize(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> Tenso
     _check_quantized("dequantize", q)
     if dtype is not None and dtype not in FLOAT_DTYPES:
         raise TypeError(f"dequantize: dtype must be a floating dtype, got {dtype}")
-    return reference.dequantize(q, dtype)
+    out_dtype = q.scales.dtype if dtype is None else dtype
+    # The kernels decode Linear-weight layouts: 2-D, grouped along the last axis.
+    if len(q.shape) != 2 or q.axis != 1 or 0 in q.shape:
+        return reference.dequantize(q, dtype)
+    backend = _kernel_backend("quant.dequantize", torch.empty(0, dtype=out_dtype, device=q.device), q)
+    if backend == "reference":
+        return reference.dequantize(q, dtype)
+    N, K = q.shape
+    return _dequantize_op(q.codes.contiguous(), q.scales.float().contiguous(), q.table(), q.bits, q.group_size, K,
+                          out_dtype, backend)
 
 
 def search_exponent(

@@ -130,3 +130,17 @@ def test_compile_fullgraph():
     (g_eager,) = torch.autograd.grad(f(x), x)
     torch.testing.assert_close(compiled(x), f(x))
     torch.testing.assert_close(g_compiled, g_eager)
+
+
+def test_public_dequantize_matches_reference(kernel):
+    """`pyfast.quant.dequantize` runs the kernel for Linear-weight layouts and the reference otherwise."""
+    with pyfast.use_backend(kernel.backend):
+        for N, K, group_size, bits in WEIGHTS:
+            q = _quantized(N, K, group_size, bits, device=kernel.device)
+            for dtype in kernel.dtypes:
+                if dtype == torch.float64:
+                    continue
+                out = pyfast.quant.dequantize(q, dtype)
+                assert out.dtype == dtype and out.shape == (N, K)
+                assert_close(out, reference.dequantize(q), dtype, f"public dequantize {bits} bits {dtype}")
+        assert pyfast.backend_for("quant.dequantize", torch.empty(0, device=kernel.device)).backend == kernel.backend
