@@ -11,6 +11,7 @@ Inputs are cast to the accumulation dtype (float32, or float64 for float64 input
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -20,6 +21,18 @@ from .factors import LowRankQuery
 from .reference import compute_dtype
 
 CHUNK_BYTES = 64 << 20
+
+
+@contextlib.contextmanager
+def chunk_bytes(nbytes: Optional[int]):
+    """Bound the per-example gradient chunks to ``nbytes`` within the block (None: keep `CHUNK_BYTES`)."""
+    global CHUNK_BYTES
+    saved = CHUNK_BYTES
+    CHUNK_BYTES = saved if nbytes is None else nbytes
+    try:
+        yield
+    finally:
+        CHUNK_BYTES = saved
 
 
 def _chunks(b: int, per_example_bytes: int) -> Iterator[slice]:

@@ -27,3 +27,23 @@ def fitted_factors(a, s, mask=None) -> EKFACFactors:
 
 def to_device(factors: EKFACFactors, device) -> EKFACFactors:
     return EKFACFactors(*(t.to(device) for t in factors))
+
+
+def explicit_influence(stats, train_grads, query_grads, mask=None):
+    """The spec computed the slow way from per-layer statistics ``{name: (a, s)}`` (for the factor
+    eigenbases) and explicit per-example gradients ``{name: (n, d_out, d_in)}`` (Lambda as the mean
+    of the squared rotated gradients; scores through a dense inverse of
+    ``(Q_S (x) Q_A) diag(Lambda + damping) (Q_S (x) Q_A)^T``).
+    Returns ``({name: Lambda}, pairwise (Q, N), self (N,))``, summed over layers."""
+    lambdas, pairwise, self_influence = {}, 0, 0
+    for name, (a, s) in stats.items():
+        eig = reference.eigen_factors(reference.covariance(a, mask), reference.covariance(s, mask))
+        G, Gq = train_grads[name], query_grads[name]
+        Lambda = (eig.Q_S.T @ G @ eig.Q_A).square().mean(dim=0)
+        K = torch.kron(eig.Q_S, eig.Q_A)
+        Hinv = torch.linalg.inv(K @ torch.diag(Lambda.reshape(-1) + reference.default_damping(Lambda)) @ K.T)
+        G, Gq = G.reshape(G.shape[0], -1), Gq.reshape(Gq.shape[0], -1)
+        lambdas[name] = Lambda
+        pairwise = pairwise + Gq @ Hinv @ G.T
+        self_influence = self_influence + torch.einsum("bi,ij,bj->b", G, Hinv, G)
+    return lambdas, pairwise, self_influence

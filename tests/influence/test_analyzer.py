@@ -1,9 +1,10 @@
-"""Analyzer on tiny float64 models against the explicit reference: factors from hand-collected
-layer statistics, scores from per-example autograd gradients and a dense inverse-Hessian solve."""
+"""Analyzer on a tiny float64 MLP against the explicit reference: eigenbases from hand-collected
+layer statistics, Lambda and scores from per-example autograd gradients and a dense inverse-Hessian
+solve (`influence_inputs.explicit_influence`)."""
 import pytest
 import torch
 
-from pyfast import influence
+from influence_inputs import explicit_influence
 from pyfast.influence import Analyzer, reference
 
 safetensors = pytest.importorskip("safetensors")
@@ -71,20 +72,10 @@ def test_analyzer_matches_explicit_reference(tmp_path, tokens):
     assert analyzer.names == ["0", "2"]
     factors = analyzer.fit_factors(_batches(*train, 4), summed_loss)
 
-    stats = _layer_statistics(model, *train)
-    mask = train[2]
     grads, query_grads = _example_gradients(model, *train), _example_gradients(model, *queries)
-    expected_scores = 0
-    expected_self = 0
-    for name, (a, s) in stats.items():
-        eig = reference.eigen_factors(reference.covariance(a, mask), reference.covariance(s, mask))
-        Lambda = reference.lambda_correction(a, s, eig.Q_A, eig.Q_S, mask)
+    lambdas, expected_scores, expected_self = explicit_influence(_layer_statistics(model, *train), grads, query_grads, train[2])
+    for name, Lambda in lambdas.items():
         torch.testing.assert_close(factors[name].Lambda, Lambda, rtol=1e-10, atol=1e-14)
-        K = torch.kron(eig.Q_S, eig.Q_A)
-        Hinv = torch.linalg.inv(K @ torch.diag(Lambda.reshape(-1) + reference.default_damping(Lambda)) @ K.T)
-        G, Gq = grads[name].reshape(13, -1), query_grads[name].reshape(3, -1)
-        expected_scores = expected_scores + Gq @ Hinv @ G.T
-        expected_self = expected_self + torch.einsum("bi,ij,bj->b", G, Hinv, G)
 
     scores = analyzer.pairwise_scores(_batches(*queries, 2), summed_loss, _batches(*train, 5), summed_loss)
     torch.testing.assert_close(scores, expected_scores, rtol=1e-9, atol=1e-12)
@@ -100,14 +91,14 @@ def test_analyzer_matches_explicit_reference(tmp_path, tokens):
 
 def test_analyzer_bad_input():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Conv1d(3, 3, 1))
-    with pytest.raises(ValueError, match=r"Analyzer: only nn.Linear layers are supported, got 1 \(Conv1d\)"):
+    with pytest.raises(ValueError, match=r"Analyzer: unsupported layers 1 \(Conv1d\); supported: nn.Linear, transformers Conv1D"):
         Analyzer(model, modules=["0", "1"])
     with pytest.raises(ValueError, match=r"Analyzer: modules \['fc9'\] are not in the model"):
         Analyzer(model, modules=["fc9"])
     with pytest.raises(ValueError, match=r"Analyzer: damping must be > 0 or None, got 0"):
         Analyzer(model, damping=0)
     analyzer = Analyzer(_mlp(), progress=False)
-    with pytest.raises(ValueError, match=r"Analyzer: the data loader for covariance yielded no batch"):
+    with pytest.raises(ValueError, match=r"Analyzer.fit_factors: the data is empty"):
         analyzer.fit_factors([], summed_loss)
     nan_batch = [(torch.full((2, D_IN), float("nan"), dtype=torch.float64), torch.zeros(2, D_OUT, dtype=torch.float64), None)]
     with pytest.raises(ValueError, match=r"Analyzer: train_loss returned a non-finite loss"):
@@ -115,5 +106,5 @@ def test_analyzer_bad_input():
     with pytest.raises(RuntimeError, match=r"Analyzer: no factors; call fit_factors or load_factors first"):
         analyzer.self_scores(_batches(*_data(2, 0), 2), summed_loss)
     x, y, mask = _data(4, 0, tokens=3)
-    with pytest.raises(ValueError, match=r"Analyzer: train_loss's mask must have shape \(4, 3\) \(examples, tokens\), got \(4, 2\)"):
+    with pytest.raises(ValueError, match=r"Analyzer: train_loss's mask must have shape \(4, 3\) \(examples, tokens\) of layer '0', got \(4, 2\)"):
         analyzer.fit_factors([(x, y, mask[:, :2])], lambda m, b: (summed_loss(m, (b[0], b[1], None)), b[2]))
