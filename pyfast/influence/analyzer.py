@@ -82,7 +82,12 @@ class _Taps:
             g = torch.zeros_like(output) if g is None else g
             stats[name][0].append(a)
             stats[name][1].append(layers.output_gradients(self.modules[name], g.detach()))
-        return {name: (torch.cat(a_parts, dim=1), torch.cat(s_parts, dim=1)) for name, (a_parts, s_parts) in stats.items()}
+        return {name: (_join(a_parts), _join(s_parts)) for name, (a_parts, s_parts) in stats.items()}
+
+
+def _join(parts: List[Tensor]) -> Tensor:
+    """The tokens of a layer's calls as one ``(b, T, d)`` tensor (no copy for a single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def _loss_and_mask(fn_name: str, out) -> Tuple[Tensor, Optional[Tensor]]:
