@@ -311,12 +311,16 @@ class Analyzer:
     # ---------------------------------------------------------------------------------------------
     # scores
     # ---------------------------------------------------------------------------------------------
-    def _query_chunks(self, data: Data, measurement: LossFn, query_batch_size: Optional[int], rank: Optional[int]):
+    def _query_chunks(
+        self, data: Data, measurement: LossFn, query_batch_size: Optional[int], rank: Optional[int], batch_size: Optional[int] = None
+    ):
         """Preconditioned query gradients ``{name: (q, d_out, d_in)}`` (or `LowRankQuery`), in chunks
-        of at least ``query_batch_size`` queries (all at once when None). Every rank computes them all."""
+        of at least ``query_batch_size`` queries (all at once when None); a Dataset is batched by
+        ``batch_size`` (default ``query_batch_size``). Every rank computes them all."""
         pending: Dict[str, List[Tensor]] = {name: [] for name in self.names}
         queued = 0
-        passes = self._passes(data, measurement, "measurement", "query gradients", batch_size=query_batch_size, shard=False, dtype=self.score_dtype)
+        passes = self._passes(data, measurement, "measurement", "query gradients", batch_size=batch_size or query_batch_size,
+                              shard=False, dtype=self.score_dtype)
         for _, stats, mask in passes:
             for name, (a, s) in stats.items():
                 pending[name].append(reference.per_example_gradients(a, s, mask))
@@ -340,7 +344,7 @@ class Analyzer:
         self._require_factors()
         _require_data(data, "query_gradients")
         with self._chunk_budget():
-            chunks = list(self._query_chunks(data, measurement, None, rank))
+            chunks = list(self._query_chunks(data, measurement, None, rank, batch_size))
         return chunks[0]
 
     def pairwise_scores(

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from pyfast.influence import Analyzer
+from pyfast import influence
+from pyfast.influence import Analyzer, append_bias_column
 
 F64 = torch.float64
 N, QUERIES, T, D = 11, 5, 4, 3
@@ -83,6 +84,13 @@ def test_per_layer_chunk_budget_and_low_rank(fitted):
     assert sorted(per_layer) == ["0", "2"]
     for name in per_layer:
         _close(per_layer[name], scores[name])
+    P = small.query_gradients(queries, _loss, batch_size=2)
+    assert sorted(P) == ["0", "2"] and P["0"].shape == (QUERIES, 4, D + 1)
+    x, y, mask = train[:]
+    with torch.no_grad():  # the head's inputs and output gradients by hand
+        a = append_bias_column(analyzer.model[1](analyzer.model[0](x)))
+        s = 2 * (analyzer.model(x) - y) * mask[..., None]
+    _close(influence.pairwise_scores(P["2"], a, s, mask=mask), scores["2"])
     # Full rank in low-rank form equals the dense scores (d_out of the layers: 4 and 2).
     _close(analyzer.pairwise_scores(queries, _loss, train, _loss, rank=4), sum(scores.values()))
 
