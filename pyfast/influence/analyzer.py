@@ -161,6 +161,8 @@ class Analyzer:
                 f"Analyzer: unsupported layers {', '.join(unsupported)}; supported: {layers.SUPPORTED} "
                 "(pass `modules` to track a subset)"
             )
+        if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float))):
+            raise TypeError(f"Analyzer: damping must be a float or None, got {type(damping).__name__}")
         if damping is not None and not damping > 0:
             raise ValueError(f"Analyzer: damping must be > 0 or None, got {damping}")
         check_int("Analyzer", "batch_size", batch_size, low=1)

@@ -117,6 +117,11 @@ def _nan_loss(model, batch):
     return (model[2](model[1](h)) - y).square().sum()
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(())
+
+
 def _empty():
     yield from ()
 
@@ -154,6 +159,10 @@ def test_bad_constructor_arguments():
     model = _model()
     with pytest.raises(ValueError, match=r"Analyzer: damping must be > 0 or None, got -1"):
         Analyzer(model, damping=-1)
+    with pytest.raises(TypeError, match=r"Analyzer: damping must be a float or None, got str"):
+        Analyzer(model, damping="0.1")
+    with pytest.raises(TypeError, match=r"Analyzer: an IterableDataset cannot be batched by index; pass a DataLoader over it"):
+        Analyzer(model).fit_factors(_Stream(), _loss)
     with pytest.raises(TypeError, match=r"Analyzer: score_dtype must be a floating torch.dtype or None, got torch.int32"):
         Analyzer(model, score_dtype=torch.int32)
     with pytest.raises(ValueError, match=r"Analyzer: chunk_bytes must be in \[1, inf\], got 0"):
