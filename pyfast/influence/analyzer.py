@@ -402,13 +402,15 @@ class Analyzer:
         self._require_factors()
         _require_data(data, "self_scores")
         parts: Dict[str, list] = {name: [] for name in self.names}
+        on_device: Dict[str, EKFACFactors] = {}  # offloaded factors copied once per call
         with self._chunk_budget():
             passes = self._passes(data, loss_fn, "train_loss", "self scores", batch_size=batch_size, indices=train_indices, dtype=self.score_dtype)
             for k, stats, mask in passes:
                 for name, (a, s) in stats.items():
+                    if name not in on_device:
+                        on_device[name] = self._factors_on(name, a.device)
                     with _layer_named(name):
-                        factors = self._factors_on(name, a.device)
-                        parts[name].append((k, ops.self_scores(a, s, factors, damping=self._damping(name), mask=mask)))
+                        parts[name].append((k, ops.self_scores(a, s, on_device[name], damping=self._damping(name), mask=mask)))
         scores = _distributed.gather_batches(parts, self.process_group)
         return scores if per_layer else sum(scores.values())
 
