@@ -24,8 +24,12 @@ COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
 MAX_LENGTH = 1 << 20
 
 register_op("ssm.s4d_kernel", cpu=REAL_DTYPES, triton=(torch.float32,))
-# The CPU path of fft_conv is torch's FFT (pyfast/ssm/_fft_conv.py); CUDA tensors run the reference.
-register_op("ssm.fft_conv", cpu=FLOAT_DTYPES, cpu_path="torch.fft at a 5-smooth size with the gates and D skip in one pass")
+# fft_conv: the CPU path is torch's FFT (pyfast/ssm/_fft_conv.py); CUDA tensors run the fused Monarch
+# FFT kernel (triton_kernels/ssm/fft_conv.py) up to its on-chip length, the torch.fft path beyond.
+register_op(
+    "ssm.fft_conv", cpu=FLOAT_DTYPES, triton=(torch.float32, torch.float16, torch.bfloat16),
+    cpu_path="torch.fft at a 5-smooth size with the gates and D skip in one pass",
+)
 
 _KERNEL_MODULES = {"cpu": "pyfast.ssm._cpu", "triton": "pyfast.triton_kernels.ssm"}
 
@@ -296,6 +300,8 @@ def _fft_conv_op(
     u: Tensor, k: Tensor, D: Optional[Tensor], pregate: Optional[Tensor], postgate: Optional[Tensor],
     bidirectional: bool, backend: str,
 ) -> Tensor:
+    if backend == "triton" and _kernels(backend).fft_conv_supports(u.shape[-1], bidirectional):
+        return _kernels(backend).fft_conv_fwd(u, k, D, pregate, postgate, bidirectional)
     return _fft_conv.fft_conv_fwd(u, k, D, pregate, postgate, bidirectional)
 
 
@@ -309,7 +315,8 @@ def _fft_conv_bwd_op(
     grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], pregate: Optional[Tensor], postgate: Optional[Tensor],
     bidirectional: bool, backend: str,
 ) -> List[Tensor]:
-    """Gradients w.r.t. ``u, k`` and each of ``D, pregate, postgate`` that is present, in that order."""
+    """Gradients w.r.t. ``u, k`` and each of ``D, pregate, postgate`` that is present, in that order.
+    torch's FFT on every backend (cuFFT on CUDA)."""
     grads = _fft_conv.fft_conv_bwd(grad, u, k, D, pregate, postgate, bidirectional)
     return [g for g in grads if g is not None]
 

@@ -1,0 +1,178 @@
+"""Fused FFT long convolution ``y = postgate * (v * k + D v)``, ``v = pregate * u``, by a Monarch FFT.
+
+The length-n DFT (n a power of two, n >= 2L - 1 causal or 2L bidirectional, so the circular
+convolution equals the linear one on the first L outputs) factors as n = N1 N2 (Cooley-Tukey /
+FlashFFTConv's Monarch form). With time index t = N2 t1 + t2 and frequency f = f1 + N1 f2,
+
+    X[f1 + N1 f2] = sum_t2 F2[t2, f2] * T[f1, t2] * sum_t1 F1[f1, t1] x[t1, t2],
+
+F_m the m-point DFT matrix and T[f1, t2] = exp(-2 pi i f1 t2 / n) the twiddles. Both DFT stages are
+matrix products (tl.dot, matrix units); x is u read as an (N1, N2) row-major tile. The spectrum
+Z[f1, f2] stays in that order: the kernel's spectrum (`kernel_spectrum`, computed once per call in
+torch, shared by the batch) is laid out the same way, and the inverse transform undoes the stages
+in reverse with conjugate matrices.
+
+One program per (batch, channel) row. Only t < L is nonzero on input and needed on output, and
+L <= n / 2, so the first and last stage use the top half of F1's rows (the zero padding is never
+written). The second stage loops over BLOCK columns of the tile and accumulates Z; the inverse
+loops over the same columns and writes y. Dot products: tf32x3 for float32 inputs (float32
+accuracy), tf32 for float16/bfloat16 inputs; everything else is float32.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import _alloc
+from ...ssm.reference import _full_kernel
+
+MIN_SIZE = 256  # N1 = N2 = 16: the smallest tile tl.dot takes
+# The largest transform one program holds on chip (Z is 2 x N1 x N2 float32); longer signals use the
+# torch.fft path. A tuning constant: the GPU benchmark decides where the fused kernel stops winning.
+MAX_SIZE = 8192
+
+
+def transform_size(L: int, bidirectional: bool) -> int:
+    """Power-of-two FFT size of the fused kernel: >= 2L - 1 (causal) or 2L, at least `MIN_SIZE`."""
+    return max(MIN_SIZE, triton.next_power_of_2(2 * L if bidirectional else 2 * L - 1))
+
+
+def supports(L: int, bidirectional: bool) -> bool:
+    """Whether the fused kernel takes length ``L`` (else the caller uses the torch.fft path)."""
+    return transform_size(L, bidirectional) <= MAX_SIZE
+
+
+def _split(n: int) -> Tuple[int, int]:
+    """n = N1 N2 with N1 <= N2, both powers of two >= 16."""
+    n1 = 1 << ((n.bit_length() - 1) // 2)
+    return n1, n // n1
+
+
+@functools.lru_cache(maxsize=16)
+def monarch_factors(n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(F1 (2, N1, N1), F2 (2, N2, N2), T (2, N1, N2))`` float32 (re, im) planes of the DFT
+    matrices ``exp(-2 pi i a b / m)`` and twiddles ``exp(-2 pi i f1 t2 / n)``, formed in float64."""
+    n1, n2 = _split(n)
+
+    def planes(rows: int, cols: int, m: int) -> torch.Tensor:
+        a = torch.arange(rows, dtype=torch.float64)[:, None]
+        b = torch.arange(cols, dtype=torch.float64)[None, :]
+        angle = -2 * torch.pi * torch.remainder(a * b, m) / m
+        return torch.stack([torch.cos(angle), torch.sin(angle)]).to(torch.float32).to(device).contiguous()
+
+    return planes(n1, n1, n1), planes(n2, n2, n2), planes(n1, n2, n)
+
+
+def kernel_spectrum(k: torch.Tensor, n: int, bidirectional: bool) -> torch.Tensor:
+    """``(2, H, N1, N2)`` float32: the DFT of the length-n circular kernel divided by n (the inverse
+    transform's scale), at ``[f1, f2] = f1 + N1 f2`` (the fused kernel's frequency order)."""
+    n1, n2 = _split(n)
+    spectrum = torch.fft.fft(_full_kernel(k.to(torch.float32), n, bidirectional), n=n) / n  # (H, n)
+    spectrum = spectrum.reshape(-1, n2, n1).transpose(-1, -2)
+    return torch.stack([spectrum.real, spectrum.imag]).contiguous()
+
+
+@triton.jit
+def _cmul(ar, ai, br, bi):
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
+@triton.jit
+def _load_signal(u_ptr, pre_ptr, offs, mask, HAS_PRE: tl.constexpr):
+    """v = pregate * u at ``offs`` in float32, zero where masked (the causal padding)."""
+    v = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_PRE:
+        v *= tl.load(pre_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _fft_conv_fwd_kernel(
+    u_ptr, pre_ptr, post_ptr, D_ptr, kf_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, H, L,
+    N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0)  # b * H + h
+    h = row % H
+    base = row.to(tl.int64) * L
+    t1 = tl.arange(0, ROWS)  # the rows of the (N1, N2) time tile that can hold t < L
+    f1 = tl.arange(0, N1)
+    f2 = tl.arange(0, N2)
+    cols = tl.arange(0, BLOCK)
+    # F1[t1, f1] for t1 < ROWS (F1 is symmetric: its transpose serves the forward stage).
+    f1_offs = t1[:, None] * N1 + f1[None, :]
+    f1r = tl.load(f1_ptr + f1_offs)
+    f1i = tl.load(f1_ptr + N1 * N1 + f1_offs)
+    f1r_t = tl.trans(f1r)
+    f1i_t = tl.trans(f1i)
+
+    zr = tl.zeros((N1, N2), dtype=tl.float32)
+    zi = tl.zeros((N1, N2), dtype=tl.float32)
+    for c0 in range(0, N2, BLOCK):
+        t2 = c0 + cols
+        t = t1[:, None] * N2 + t2[None, :]
+        v = _load_signal(u_ptr, pre_ptr, base + t, t < L, HAS_PRE)
+        # Stage 1: DFT over t1 (columns t2 of the tile), then the twiddles T[f1, t2].
+        yr = tl.dot(f1r_t, v, input_precision=PRECISION)
+        yi = tl.dot(f1i_t, v, input_precision=PRECISION)
+        tw = f1[:, None] * N2 + t2[None, :]
+        yr, yi = _cmul(yr, yi, tl.load(tw_ptr + tw), tl.load(tw_ptr + N1 * N2 + tw))
+        # Stage 2: Z += Y[:, t2] F2[t2, :].
+        f2_offs = t2[:, None] * N2 + f2[None, :]
+        f2r = tl.load(f2_ptr + f2_offs)
+        f2i = tl.load(f2_ptr + N2 * N2 + f2_offs)
+        zr += tl.dot(yr, f2r, input_precision=PRECISION) - tl.dot(yi, f2i, input_precision=PRECISION)
+        zi += tl.dot(yr, f2i, input_precision=PRECISION) + tl.dot(yi, f2r, input_precision=PRECISION)
+
+    kf = h * (N1 * N2) + f1[:, None] * N2 + f2[None, :]
+    zr, zi = _cmul(zr, zi, tl.load(kf_ptr + kf), tl.load(kf_ptr + H * (N1 * N2) + kf))
+
+    if HAS_D:
+        skip = tl.load(D_ptr + h).to(tl.float32)
+    for c0 in range(0, N2, BLOCK):
+        t2 = c0 + cols
+        # Inverse stage 2: Y[:, t2] = Z conj(F2)[:, t2], then the conjugate twiddles.
+        f2_offs = f2[:, None] * N2 + t2[None, :]
+        f2r = tl.load(f2_ptr + f2_offs)
+        f2i = tl.load(f2_ptr + N2 * N2 + f2_offs)
+        yr = tl.dot(zr, f2r, input_precision=PRECISION) + tl.dot(zi, f2i, input_precision=PRECISION)
+        yi = tl.dot(zi, f2r, input_precision=PRECISION) - tl.dot(zr, f2i, input_precision=PRECISION)
+        tw = f1[:, None] * N2 + t2[None, :]
+        yr, yi = _cmul(yr, yi, tl.load(tw_ptr + tw), -tl.load(tw_ptr + N1 * N2 + tw))
+        # Inverse stage 1, real part only: Re(conj(F1) Y) = F1r Yr + F1i Yi (1/n is in the spectrum).
+        out = tl.dot(f1r, yr, input_precision=PRECISION) + tl.dot(f1i, yi, input_precision=PRECISION)
+        t = t1[:, None] * N2 + t2[None, :]
+        mask = t < L
+        if HAS_D:
+            out += skip * _load_signal(u_ptr, pre_ptr, base + t, mask, HAS_PRE)
+        if HAS_POST:
+            out *= tl.load(post_ptr + base + t, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + base + t, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def fft_conv_fwd(
+    u: torch.Tensor, k: torch.Tensor, D: Optional[torch.Tensor], pregate: Optional[torch.Tensor],
+    postgate: Optional[torch.Tensor], bidirectional: bool,
+) -> torch.Tensor:
+    """``y (B, H, L)`` in ``u.dtype`` (float32/float16/bfloat16) from ``u (B, H, L)``, ``k (H, L)``
+    or ``(2, H, L)``, optional ``D (H,)`` and gates ``(B, H, L)``; requires `supports` (L)."""
+    Bsz, H, L = u.shape
+    n = transform_size(L, bidirectional)
+    n1, n2 = _split(n)
+    f1, f2, tw = monarch_factors(n, u.device)
+    kf = kernel_spectrum(k, n, bidirectional)
+    u, D, pregate, postgate = (t if t is None else t.contiguous() for t in (u, D, pregate, postgate))
+    y = _alloc.empty(u.shape, u.dtype, u.device)
+    if y.numel():
+        _fft_conv_fwd_kernel[(Bsz * H,)](
+            u, pregate if pregate is not None else u, postgate if postgate is not None else u,
+            D if D is not None else kf, kf, f1, f2, tw, y, H, L,
+            N1=n1, N2=n2, ROWS=n1 // 2 if n1 >= 32 else n1, BLOCK=min(n2, 32),
+            HAS_PRE=pregate is not None, HAS_POST=postgate is not None, HAS_D=D is not None,
+            PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32",
+        )
+    return y
