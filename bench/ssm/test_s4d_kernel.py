@@ -1,7 +1,8 @@
 """S4D kernel generation K (channels=1, H, L) from diagonal A (H, N), forward and forward+backward.
 
 Workloads: H = 768, N = 64, L = 4096 and 16384 (float32 parameters, complex64 A and C);
-``--quick`` keeps L = 4096 at H = 96. Bytes moved: the output write ``H L 4`` plus the parameters
+``--quick`` keeps L = 4096 at H = 96; L = 16384 runs on the GPU only (the reference's (H, N, L)
+complex temporary is 6.4 GB). Bytes moved: the output write ``H L 4`` plus the parameters
 ``H N (8 + 8) + H 4`` (the floor; the materialized reference also writes and reads (H, N, L)).
 
 Providers:
@@ -62,6 +63,8 @@ def _bytes(H, L):
 @pytest.mark.parametrize("shape", list(_cases()))
 def test_s4d_kernel_forward(measure, expect_close, device, shape, provider):
     H, L = shape
+    if device.type == "cpu" and L >= 16384:
+        pytest.skip(f"L = {L} is a GPU workload")
     dt, A, C = setup(shape, device)
     ref = torch_native(dt.double(), A.to(torch.complex128), C.to(torch.complex128), L)
     fn = PROVIDERS[provider]

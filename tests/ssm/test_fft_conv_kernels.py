@@ -6,7 +6,7 @@ import torch
 
 import pyfast
 from pyfast._backend import registered_ops
-from kernel_cases import assert_as_accurate_as_reference, assert_close
+from kernel_cases import assert_as_accurate_as_reference, assert_close, make_case
 from pyfast.ssm import reference
 from ssm_inputs import signal
 
@@ -62,16 +62,27 @@ def test_noncontiguous_input(kernel):
                  torch.float32)
 
 
-def test_long_signal_falls_back_to_torch_fft(kernel, monkeypatch):
-    """Above the fused kernel's transform size the torch.fft path runs (MAX_SIZE lowered to test it)."""
-    if kernel.backend == "triton":
-        from pyfast.triton_kernels.ssm import fft_conv as fused
+@pytest.mark.triton
+def test_three_stage_and_torch_fft_paths(monkeypatch):
+    """Above the one-program transform size the three-stage path runs (N0 = 2 and 8 here, with the
+    on-chip size lowered to 256), above its own limit the torch.fft path."""
+    kernel = make_case("triton")
+    from pyfast.triton_kernels.ssm import fft_conv as fused
 
-        monkeypatch.setattr(fused, "MAX_SIZE", 256)
-        assert fused.supports(128, False) and fused.supports(128, True) and not fused.supports(129, False)
-    for bidirectional in (False, True):
-        tensors = _inputs((1, 2, 150), torch.float32, bidirectional, kernel.device)
-        assert_close(_run(kernel.backend, *tensors, bidirectional), _reference(tensors, bidirectional), torch.float32)
+    monkeypatch.setattr(fused, "MAX_SIZE", 256)
+    monkeypatch.setattr(fused, "MAX_THREE_STAGE_SIZE", 2048)
+    assert fused.supports(1024, False) and fused.supports(1024, True) and not fused.supports(1025, False)
+    cases = [((1, 2, 150), torch.float32, False), ((1, 1, 600), torch.float32, True), ((1, 2, 129), torch.float16, True),
+             ((1, 1, 1500), torch.float32, False)]
+    for shape, dtype, bidirectional in cases:
+        tensors = _inputs(shape, dtype, bidirectional, kernel.device)
+        y = _run("triton", *tensors, bidirectional)
+        ref = _reference(tensors, bidirectional)
+        what = f"{shape} {dtype} bidirectional={bidirectional}"
+        if dtype == torch.float32:
+            assert_close(y, ref, dtype, what)
+        else:
+            assert_as_accurate_as_reference(y, ref, _reference(tensors, bidirectional, dtype), dtype, what)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -90,8 +101,7 @@ def test_gradients_match_reference(kernel, bidirectional):
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_opcheck(kernel, bidirectional):
-    tensors = _inputs((2, 3, 13), torch.float32, bidirectional, kernel.device)
-    tensors = [t.requires_grad_() for t in tensors]
+    tensors = [t.requires_grad_() for t in _inputs((1, 2, 13), torch.float32, bidirectional, kernel.device)]
     torch.library.opcheck(torch.ops.pyfast.ssm_fft_conv.default, (*tensors, bidirectional, kernel.backend))
 
 

@@ -12,11 +12,14 @@ Z[f1, f2] stays in that order: the kernel's spectrum (`kernel_spectrum`, compute
 torch, shared by the batch) is laid out the same way, and the inverse transform undoes the stages
 in reverse with conjugate matrices.
 
-One program per (batch, channel) row. Only t < L is nonzero on input and needed on output, and
+Up to n = `MAX_SIZE`: one program per (batch, channel) row. Only t < L is nonzero on input and needed on output, and
 L <= n / 2, so the first and last stage use the top half of F1's rows (the zero padding is never
 written). The second stage loops over BLOCK columns of the tile and accumulates Z; the inverse
 loops over the same columns and writes y. Dot products: tf32x3 for float32 inputs (float32
 accuracy), tf32 for float16/bfloat16 inputs; everything else is float32.
+
+Longer transforms (`three_stage_fft_conv`, n = N0 N1 N2): an outer N0-point stage in torch around
+complex-row programs of the same kernel; beyond `MAX_THREE_STAGE_SIZE` the caller uses torch.fft.
 """
 from __future__ import annotations
 
@@ -31,9 +34,11 @@ from ... import _alloc
 from ...ssm.reference import _full_kernel
 
 MIN_SIZE = 256  # N1 = N2 = 16: the smallest tile tl.dot takes
-# The largest transform one program holds on chip (Z is 2 x N1 x N2 float32); longer signals use the
-# torch.fft path. A tuning constant: the GPU benchmark decides where the fused kernel stops winning.
+# The largest transform one program holds on chip (Z is 2 x N1 x N2 float32), and the largest the
+# three-stage path takes (beyond it: the torch.fft path). Tuning constants: the GPU benchmark
+# decides where each path stops winning.
 MAX_SIZE = 8192
+MAX_THREE_STAGE_SIZE = 1 << 17
 
 
 def transform_size(L: int, bidirectional: bool) -> int:
@@ -42,8 +47,8 @@ def transform_size(L: int, bidirectional: bool) -> int:
 
 
 def supports(L: int, bidirectional: bool) -> bool:
-    """Whether the fused kernel takes length ``L`` (else the caller uses the torch.fft path)."""
-    return transform_size(L, bidirectional) <= MAX_SIZE
+    """Whether the Triton paths take length ``L`` (else the caller uses the torch.fft path)."""
+    return transform_size(L, bidirectional) <= MAX_THREE_STAGE_SIZE
 
 
 def _split(n: int) -> Tuple[int, int]:
@@ -52,19 +57,31 @@ def _split(n: int) -> Tuple[int, int]:
     return n1, n // n1
 
 
+def _dft(rows: int, cols: int, m: int) -> torch.Tensor:
+    """``exp(-2 pi i a b / m)`` for ``a < rows``, ``b < cols``, complex128 (angles reduced mod m)."""
+    a = torch.arange(rows, dtype=torch.float64)[:, None]
+    b = torch.arange(cols, dtype=torch.float64)[None, :]
+    return torch.polar(torch.ones(rows, cols, dtype=torch.float64), -2 * torch.pi * torch.remainder(a * b, m) / m)
+
+
+def _planes(z: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.stack([z.real, z.imag]).to(torch.float32).to(device).contiguous()
+
+
 @functools.lru_cache(maxsize=16)
 def monarch_factors(n: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(F1 (2, N1, N1), F2 (2, N2, N2), T (2, N1, N2))`` float32 (re, im) planes of the DFT
-    matrices ``exp(-2 pi i a b / m)`` and twiddles ``exp(-2 pi i f1 t2 / n)``, formed in float64."""
+    matrices and the twiddles ``exp(-2 pi i f1 t2 / n)``, formed in float64."""
     n1, n2 = _split(n)
+    return _planes(_dft(n1, n1, n1), device), _planes(_dft(n2, n2, n2), device), _planes(_dft(n1, n2, n), device)
 
-    def planes(rows: int, cols: int, m: int) -> torch.Tensor:
-        a = torch.arange(rows, dtype=torch.float64)[:, None]
-        b = torch.arange(cols, dtype=torch.float64)[None, :]
-        angle = -2 * torch.pi * torch.remainder(a * b, m) / m
-        return torch.stack([torch.cos(angle), torch.sin(angle)]).to(torch.float32).to(device).contiguous()
 
-    return planes(n1, n1, n1), planes(n2, n2, n2), planes(n1, n2, n)
+@functools.lru_cache(maxsize=16)
+def outer_factors(n: int, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The three-stage path's outer ``N0 = n / m`` point DFT matrix ``(N0, N0)`` and twiddles
+    ``exp(-2 pi i f0 t2 / n)`` ``(N0, m)``, complex64."""
+    n0 = n // m
+    return _dft(n0, n0, n0).to(torch.complex64).to(device), _dft(n0, m, n).to(torch.complex64).to(device)
 
 
 def kernel_spectrum(k: torch.Tensor, n: int, bidirectional: bool) -> torch.Tensor:
@@ -92,12 +109,16 @@ def _load_signal(u_ptr, pre_ptr, offs, mask, HAS_PRE: tl.constexpr):
 
 @triton.jit
 def _fft_conv_fwd_kernel(
-    u_ptr, pre_ptr, post_ptr, D_ptr, kf_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, H, L,
-    N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    u_ptr, u_im_ptr, pre_ptr, post_ptr, D_ptr, kf_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, y_im_ptr, SPECTRA, L,
+    N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, COMPLEX: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    row = tl.program_id(0)  # b * H + h
-    h = row % H
+    """Real rows (``COMPLEX=False``): y = postgate * (circular conv + D v) on the first L of each
+    row. Complex rows (``COMPLEX=True``, the middle stage of `three_stage_fft_conv`): the full
+    circular convolution of (u, u_im) into (y, y_im), L = N1 N2, no gates or skip. Row r uses
+    spectrum ``r % SPECTRA``."""
+    row = tl.program_id(0)
+    spec = row % SPECTRA
     base = row.to(tl.int64) * L
     t1 = tl.arange(0, ROWS)  # the rows of the (N1, N2) time tile that can hold t < L
     f1 = tl.arange(0, N1)
@@ -119,6 +140,10 @@ def _fft_conv_fwd_kernel(
         # Stage 1: DFT over t1 (columns t2 of the tile), then the twiddles T[f1, t2].
         yr = tl.dot(f1r_t, v, input_precision=PRECISION)
         yi = tl.dot(f1i_t, v, input_precision=PRECISION)
+        if COMPLEX:
+            v_im = tl.load(u_im_ptr + base + t)
+            yr -= tl.dot(f1i_t, v_im, input_precision=PRECISION)
+            yi += tl.dot(f1r_t, v_im, input_precision=PRECISION)
         tw = f1[:, None] * N2 + t2[None, :]
         yr, yi = _cmul(yr, yi, tl.load(tw_ptr + tw), tl.load(tw_ptr + N1 * N2 + tw))
         # Stage 2: Z += Y[:, t2] F2[t2, :].
@@ -128,11 +153,11 @@ def _fft_conv_fwd_kernel(
         zr += tl.dot(yr, f2r, input_precision=PRECISION) - tl.dot(yi, f2i, input_precision=PRECISION)
         zi += tl.dot(yr, f2i, input_precision=PRECISION) + tl.dot(yi, f2r, input_precision=PRECISION)
 
-    kf = h * (N1 * N2) + f1[:, None] * N2 + f2[None, :]
-    zr, zi = _cmul(zr, zi, tl.load(kf_ptr + kf), tl.load(kf_ptr + H * (N1 * N2) + kf))
+    kf = spec * (N1 * N2) + f1[:, None] * N2 + f2[None, :]
+    zr, zi = _cmul(zr, zi, tl.load(kf_ptr + kf), tl.load(kf_ptr + SPECTRA * (N1 * N2) + kf))
 
     if HAS_D:
-        skip = tl.load(D_ptr + h).to(tl.float32)
+        skip = tl.load(D_ptr + spec).to(tl.float32)
     for c0 in range(0, N2, BLOCK):
         t2 = c0 + cols
         # Inverse stage 2: Y[:, t2] = Z conj(F2)[:, t2], then the conjugate twiddles.
@@ -143,7 +168,7 @@ def _fft_conv_fwd_kernel(
         yi = tl.dot(zi, f2r, input_precision=PRECISION) - tl.dot(zr, f2i, input_precision=PRECISION)
         tw = f1[:, None] * N2 + t2[None, :]
         yr, yi = _cmul(yr, yi, tl.load(tw_ptr + tw), -tl.load(tw_ptr + N1 * N2 + tw))
-        # Inverse stage 1, real part only: Re(conj(F1) Y) = F1r Yr + F1i Yi (1/n is in the spectrum).
+        # Inverse stage 1: conj(F1) Y; for real rows its real part F1r Yr + F1i Yi (1/n is in the spectrum).
         out = tl.dot(f1r, yr, input_precision=PRECISION) + tl.dot(f1i, yi, input_precision=PRECISION)
         t = t1[:, None] * N2 + t2[None, :]
         mask = t < L
@@ -152,6 +177,25 @@ def _fft_conv_fwd_kernel(
         if HAS_POST:
             out *= tl.load(post_ptr + base + t, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + base + t, out.to(y_ptr.dtype.element_ty), mask=mask)
+        if COMPLEX:
+            out_im = tl.dot(f1r, yi, input_precision=PRECISION) - tl.dot(f1i, yr, input_precision=PRECISION)
+            tl.store(y_im_ptr + base + t, out_im)
+
+
+def _launch(u, u_im, pregate, postgate, D, kf, n, y, y_im, precision):
+    """One program per row of ``u (rows, L)``: the fused transform of size ``n`` against the
+    spectra ``kf (2, SPECTRA, N1, N2)``; complex rows when ``u_im`` is given."""
+    n1, n2 = _split(n)
+    f1, f2, tw = monarch_factors(n, u.device)
+    rows, complex_rows = u.numel() // u.shape[-1], u_im is not None
+    _fft_conv_fwd_kernel[(rows,)](
+        u, u_im if complex_rows else u, pregate if pregate is not None else u,
+        postgate if postgate is not None else u, D if D is not None else kf, kf, f1, f2, tw,
+        y, y_im if complex_rows else y, kf.shape[1], u.shape[-1],
+        N1=n1, N2=n2, ROWS=n1 // 2 if n1 >= 32 and not complex_rows else n1, BLOCK=min(n2, 32),
+        COMPLEX=complex_rows, HAS_PRE=pregate is not None, HAS_POST=postgate is not None, HAS_D=D is not None,
+        PRECISION=precision,
+    )
 
 
 def fft_conv_fwd(
@@ -160,19 +204,47 @@ def fft_conv_fwd(
 ) -> torch.Tensor:
     """``y (B, H, L)`` in ``u.dtype`` (float32/float16/bfloat16) from ``u (B, H, L)``, ``k (H, L)``
     or ``(2, H, L)``, optional ``D (H,)`` and gates ``(B, H, L)``; requires `supports` (L)."""
-    Bsz, H, L = u.shape
+    L = u.shape[-1]
     n = transform_size(L, bidirectional)
-    n1, n2 = _split(n)
-    f1, f2, tw = monarch_factors(n, u.device)
-    kf = kernel_spectrum(k, n, bidirectional)
+    precision = "tf32x3" if u.dtype == torch.float32 else "tf32"
     u, D, pregate, postgate = (t if t is None else t.contiguous() for t in (u, D, pregate, postgate))
+    if u.numel() == 0:
+        return _alloc.empty(u.shape, u.dtype, u.device)
+    if n > MAX_SIZE:
+        return three_stage_fft_conv(u, k, D, pregate, postgate, bidirectional, n, precision)
     y = _alloc.empty(u.shape, u.dtype, u.device)
-    if y.numel():
-        _fft_conv_fwd_kernel[(Bsz * H,)](
-            u, pregate if pregate is not None else u, postgate if postgate is not None else u,
-            D if D is not None else kf, kf, f1, f2, tw, y, H, L,
-            N1=n1, N2=n2, ROWS=n1 // 2 if n1 >= 32 else n1, BLOCK=min(n2, 32),
-            HAS_PRE=pregate is not None, HAS_POST=postgate is not None, HAS_D=D is not None,
-            PRECISION="tf32x3" if u.dtype == torch.float32 else "tf32",
-        )
+    _launch(u, None, pregate, postgate, D, kernel_spectrum(k, n, bidirectional), n, y, None, precision)
     return y
+
+
+def three_stage_fft_conv(
+    u: torch.Tensor, k: torch.Tensor, D: Optional[torch.Tensor], pregate: Optional[torch.Tensor],
+    postgate: Optional[torch.Tensor], bidirectional: bool, n: int, precision: str,
+) -> torch.Tensor:
+    """`fft_conv_fwd` for n > `MAX_SIZE`: n = N0 M with M = `MAX_SIZE` (N = N0 N1 N2 in all).
+
+    With t = M t0 + t2 and f = f0 + N0 fm: the outer N0-point DFT over t0 and the twiddles
+    exp(-2 pi i f0 t2 / n) are torch GEMMs and products; for each (row, f0) the M-point transform,
+    the product with the spectrum at f0 + N0 fm and the inverse are one complex-row program of the
+    fused kernel; the inverse outer stage keeps t0 < N0 / 2 (t < L <= n / 2) and applies D and the
+    gates."""
+    Bsz, H, L = u.shape
+    m = MAX_SIZE
+    n0, half = n // m, n // m // 2
+    n1, n2 = _split(m)
+    dft0, twiddle = outer_factors(n, m, u.device)
+    v = torch.zeros(Bsz, H, half * m, device=u.device)
+    v[..., :L] = u if pregate is None else u.float() * pregate
+    outer = torch.matmul(dft0[:, :half], v.view(Bsz, H, half, m).to(torch.complex64)) * twiddle  # (B, H, N0, M)
+    spectrum = torch.fft.fft(_full_kernel(k.to(torch.float32), n, bidirectional), n=n)
+    if D is not None:
+        spectrum = spectrum + D.to(torch.float32).unsqueeze(-1)  # D v: the constant spectrum D
+    # f = f0 + N0 (f1 + N1 f2): the spectra of the (h, f0) rows as (H N0, N1, N2) tiles.
+    spectrum = (spectrum / n).reshape(H, n2, n1, n0).permute(0, 3, 2, 1).reshape(H * n0, n1, n2)
+    kf = torch.stack([spectrum.real, spectrum.imag]).contiguous()
+    w_re = torch.empty(Bsz, H, n0, m, device=u.device)
+    w_im = torch.empty_like(w_re)
+    _launch(outer.real.contiguous(), outer.imag.contiguous(), None, None, None, kf, m, w_re, w_im, precision)
+    inner = torch.complex(w_re, w_im) * twiddle.conj()
+    z = torch.matmul(dft0[:half].conj(), inner).real.reshape(Bsz, H, half * m)[..., :L]
+    return (z if postgate is None else z * postgate).to(u.dtype)
