@@ -12,14 +12,15 @@ Z[f1, f2] stays in that order: the kernel's spectrum (`kernel_spectrum`, compute
 torch, shared by the batch) is laid out the same way, and the inverse transform undoes the stages
 in reverse with conjugate matrices.
 
-Up to n = `MAX_SIZE`: one program per (batch, channel) row. Only t < L is nonzero on input and needed on output, and
-L <= n / 2, so the first and last stage use the top half of F1's rows (the zero padding is never
-written). The second stage loops over BLOCK columns of the tile and accumulates Z; the inverse
+Up to n = `MAX_SIZE`: one program per (batch, channel) row. Only t < L is nonzero on input and
+needed on output, and L <= n / 2, so the first and last stage use the top half of F1's rows (the
+zero padding is never written). The second stage loops over BLOCK columns of the tile and accumulates Z; the inverse
 loops over the same columns and writes y. Dot products: tf32x3 for float32 inputs (float32
 accuracy), tf32 for float16/bfloat16 inputs; everything else is float32.
 
-Longer transforms (`three_stage_fft_conv`, n = N0 N1 N2): an outer N0-point stage in torch around
-complex-row programs of the same kernel; beyond `MAX_THREE_STAGE_SIZE` the caller uses torch.fft.
+Longer transforms (`three_stage_fft_conv`, n = N0 N1 N2): an outer N0-point stage as torch GEMMs
+around complex-row programs of the same kernel (which apply the outer twiddles on load and store);
+beyond `MAX_THREE_STAGE_SIZE` the caller uses torch.fft.
 """
 from __future__ import annotations
 
@@ -78,18 +79,26 @@ def monarch_factors(n: int, device: torch.device) -> Tuple[torch.Tensor, torch.T
 
 @functools.lru_cache(maxsize=16)
 def outer_factors(n: int, m: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The three-stage path's outer ``N0 = n / m`` point DFT matrix ``(N0, N0)`` and twiddles
-    ``exp(-2 pi i f0 t2 / n)`` ``(N0, m)``, complex64."""
+    """The three-stage path's outer ``N0 = n / m`` point DFT matrix and twiddles
+    ``exp(-2 pi i f0 t2 / n)`` as float32 (re, im) planes ``(2, N0, N0)`` and ``(N0, 2, m)``."""
     n0 = n // m
-    return _dft(n0, n0, n0).to(torch.complex64).to(device), _dft(n0, m, n).to(torch.complex64).to(device)
+    return _planes(_dft(n0, n0, n0), device), _planes(_dft(n0, m, n), device).transpose(0, 1).contiguous()
+
+
+def _spectrum(k: torch.Tensor, D: Optional[torch.Tensor], n: int, bidirectional: bool) -> torch.Tensor:
+    """``(H, n)`` complex64: the DFT of the length-n circular kernel (plus D, the spectrum of the
+    skip ``D v``) divided by n, the inverse transform's scale."""
+    spectrum = torch.fft.fft(_full_kernel(k.to(torch.float32), n, bidirectional), n=n)
+    if D is not None:
+        spectrum = spectrum + D.to(torch.float32).unsqueeze(-1)
+    return spectrum / n
 
 
 def kernel_spectrum(k: torch.Tensor, n: int, bidirectional: bool) -> torch.Tensor:
-    """``(2, H, N1, N2)`` float32: the DFT of the length-n circular kernel divided by n (the inverse
-    transform's scale), at ``[f1, f2] = f1 + N1 f2`` (the fused kernel's frequency order)."""
+    """``(2, H, N1, N2)`` float32 planes of `_spectrum` at ``[f1, f2] = f1 + N1 f2`` (the fused
+    kernel's frequency order)."""
     n1, n2 = _split(n)
-    spectrum = torch.fft.fft(_full_kernel(k.to(torch.float32), n, bidirectional), n=n) / n  # (H, n)
-    spectrum = spectrum.reshape(-1, n2, n1).transpose(-1, -2)
+    spectrum = _spectrum(k, None, n, bidirectional).reshape(-1, n2, n1).transpose(-1, -2)
     return torch.stack([spectrum.real, spectrum.imag]).contiguous()
 
 
@@ -109,14 +118,15 @@ def _load_signal(u_ptr, pre_ptr, offs, mask, HAS_PRE: tl.constexpr):
 
 @triton.jit
 def _fft_conv_fwd_kernel(
-    u_ptr, u_im_ptr, pre_ptr, post_ptr, D_ptr, kf_ptr, f1_ptr, f2_ptr, tw_ptr, y_ptr, y_im_ptr, SPECTRA, L,
+    u_ptr, u_im_ptr, pre_ptr, post_ptr, D_ptr, kf_ptr, f1_ptr, f2_ptr, tw_ptr, outer_tw_ptr, y_ptr, y_im_ptr,
+    SPECTRA, N0, L,
     N1: tl.constexpr, N2: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, COMPLEX: tl.constexpr,
     HAS_PRE: tl.constexpr, HAS_POST: tl.constexpr, HAS_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Real rows (``COMPLEX=False``): y = postgate * (circular conv + D v) on the first L of each
     row. Complex rows (``COMPLEX=True``, the middle stage of `three_stage_fft_conv`): the full
-    circular convolution of (u, u_im) into (y, y_im), L = N1 N2, no gates or skip. Row r uses
-    spectrum ``r % SPECTRA``."""
+    circular convolution of (u, u_im) times the outer twiddles ``outer_tw[r % N0]`` into (y, y_im)
+    times their conjugates, L = N1 N2, no gates or skip. Row r uses spectrum ``r % SPECTRA``."""
     row = tl.program_id(0)
     spec = row % SPECTRA
     base = row.to(tl.int64) * L
@@ -137,11 +147,14 @@ def _fft_conv_fwd_kernel(
         t2 = c0 + cols
         t = t1[:, None] * N2 + t2[None, :]
         v = _load_signal(u_ptr, pre_ptr, base + t, t < L, HAS_PRE)
+        if COMPLEX:
+            outer = (row % N0) * (2 * L) + t
+            v, v_im = _cmul(v, tl.load(u_im_ptr + base + t), tl.load(outer_tw_ptr + outer),
+                            tl.load(outer_tw_ptr + outer + L))
         # Stage 1: DFT over t1 (columns t2 of the tile), then the twiddles T[f1, t2].
         yr = tl.dot(f1r_t, v, input_precision=PRECISION)
         yi = tl.dot(f1i_t, v, input_precision=PRECISION)
         if COMPLEX:
-            v_im = tl.load(u_im_ptr + base + t)
             yr -= tl.dot(f1i_t, v_im, input_precision=PRECISION)
             yi += tl.dot(f1r_t, v_im, input_precision=PRECISION)
         tw = f1[:, None] * N2 + t2[None, :]
@@ -176,25 +189,29 @@ def _fft_conv_fwd_kernel(
             out += skip * _load_signal(u_ptr, pre_ptr, base + t, mask, HAS_PRE)
         if HAS_POST:
             out *= tl.load(post_ptr + base + t, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + base + t, out.to(y_ptr.dtype.element_ty), mask=mask)
         if COMPLEX:
             out_im = tl.dot(f1r, yi, input_precision=PRECISION) - tl.dot(f1i, yr, input_precision=PRECISION)
+            outer = (row % N0) * (2 * L) + t
+            out, out_im = _cmul(out, out_im, tl.load(outer_tw_ptr + outer), -tl.load(outer_tw_ptr + outer + L))
             tl.store(y_im_ptr + base + t, out_im)
+        tl.store(y_ptr + base + t, out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(u, u_im, pregate, postgate, D, kf, n, y, y_im, precision):
+def _launch(u, pregate, postgate, D, kf, n, y, precision, *, u_im=None, y_im=None, outer_tw=None):
     """One program per row of ``u (rows, L)``: the fused transform of size ``n`` against the
-    spectra ``kf (2, SPECTRA, N1, N2)``; complex rows when ``u_im`` is given."""
+    spectra ``kf (2, SPECTRA, N1, N2)``; complex rows (with the outer twiddles ``(2, N0, n)``) when
+    ``u_im`` is given."""
     n1, n2 = _split(n)
     f1, f2, tw = monarch_factors(n, u.device)
     rows, complex_rows = u.numel() // u.shape[-1], u_im is not None
     _fft_conv_fwd_kernel[(rows,)](
         u, u_im if complex_rows else u, pregate if pregate is not None else u,
         postgate if postgate is not None else u, D if D is not None else kf, kf, f1, f2, tw,
-        y, y_im if complex_rows else y, kf.shape[1], u.shape[-1],
+        outer_tw if complex_rows else tw, y, y_im if complex_rows else y,
+        kf.shape[1], outer_tw.shape[0] if complex_rows else 1, u.shape[-1],
         N1=n1, N2=n2, ROWS=n1 // 2 if n1 >= 32 and not complex_rows else n1, BLOCK=min(n2, 32),
         COMPLEX=complex_rows, HAS_PRE=pregate is not None, HAS_POST=postgate is not None, HAS_D=D is not None,
-        PRECISION=precision,
+        PRECISION=precision, num_warps=8 if n >= 4096 else 4,
     )
 
 
@@ -213,7 +230,7 @@ def fft_conv_fwd(
     if n > MAX_SIZE:
         return three_stage_fft_conv(u, k, D, pregate, postgate, bidirectional, n, precision)
     y = _alloc.empty(u.shape, u.dtype, u.device)
-    _launch(u, None, pregate, postgate, D, kernel_spectrum(k, n, bidirectional), n, y, None, precision)
+    _launch(u, pregate, postgate, D, kernel_spectrum(k, n, bidirectional), n, y, precision)
     return y
 
 
@@ -221,30 +238,29 @@ def three_stage_fft_conv(
     u: torch.Tensor, k: torch.Tensor, D: Optional[torch.Tensor], pregate: Optional[torch.Tensor],
     postgate: Optional[torch.Tensor], bidirectional: bool, n: int, precision: str,
 ) -> torch.Tensor:
-    """`fft_conv_fwd` for n > `MAX_SIZE`: n = N0 M with M = `MAX_SIZE` (N = N0 N1 N2 in all).
+    """`fft_conv_fwd` for n > `MAX_SIZE`: n = N0 M with M = `MAX_SIZE` (n = N0 N1 N2 in all).
 
-    With t = M t0 + t2 and f = f0 + N0 fm: the outer N0-point DFT over t0 and the twiddles
-    exp(-2 pi i f0 t2 / n) are torch GEMMs and products; for each (row, f0) the M-point transform,
-    the product with the spectrum at f0 + N0 fm and the inverse are one complex-row program of the
-    fused kernel; the inverse outer stage keeps t0 < N0 / 2 (t < L <= n / 2) and applies D and the
-    gates."""
+    With t = M t0 + t2 and f = f0 + N0 fm: the outer N0-point DFT over t0 (t0 < N0 / 2: the rest is
+    padding) is a torch GEMM; for each (row, f0) one complex-row program of the fused kernel applies
+    the twiddles exp(-2 pi i f0 t2 / n), the M-point transform, the product with the spectrum at
+    f0 + N0 fm (D folded in), the inverse and the conjugate twiddles; the inverse outer GEMM keeps
+    t0 < N0 / 2 (t < L <= n / 2). Scratch: four float32 (B, H, N0, M) planes."""
     Bsz, H, L = u.shape
     m = MAX_SIZE
     n0, half = n // m, n // m // 2
     n1, n2 = _split(m)
     dft0, twiddle = outer_factors(n, m, u.device)
-    v = torch.zeros(Bsz, H, half * m, device=u.device)
-    v[..., :L] = u if pregate is None else u.float() * pregate
-    outer = torch.matmul(dft0[:, :half], v.view(Bsz, H, half, m).to(torch.complex64)) * twiddle  # (B, H, N0, M)
-    spectrum = torch.fft.fft(_full_kernel(k.to(torch.float32), n, bidirectional), n=n)
-    if D is not None:
-        spectrum = spectrum + D.to(torch.float32).unsqueeze(-1)  # D v: the constant spectrum D
+    v = torch.zeros(Bsz, H, half, m, device=u.device)
+    v.view(Bsz, H, half * m)[..., :L] = u if pregate is None else u.float() * pregate
+    # Outer stage over t0 < N0 / 2 (the rest is padding): (2, B, H, N0, M), the planes of F0[:, :half] v.
+    outer = torch.matmul(dft0[:, None, None, :, :half], v)
     # f = f0 + N0 (f1 + N1 f2): the spectra of the (h, f0) rows as (H N0, N1, N2) tiles.
-    spectrum = (spectrum / n).reshape(H, n2, n1, n0).permute(0, 3, 2, 1).reshape(H * n0, n1, n2)
+    spectrum = _spectrum(k, D, n, bidirectional).reshape(H, n2, n1, n0).permute(0, 3, 2, 1).reshape(H * n0, n1, n2)
     kf = torch.stack([spectrum.real, spectrum.imag]).contiguous()
-    w_re = torch.empty(Bsz, H, n0, m, device=u.device)
-    w_im = torch.empty_like(w_re)
-    _launch(outer.real.contiguous(), outer.imag.contiguous(), None, None, None, kf, m, w_re, w_im, precision)
-    inner = torch.complex(w_re, w_im) * twiddle.conj()
-    z = torch.matmul(dft0[:half].conj(), inner).real.reshape(Bsz, H, half * m)[..., :L]
+    inner = torch.empty(2, Bsz, H, n0, m, device=u.device)
+    # The middle stage (twiddles in, conjugate twiddles out) on the (b, h, f0) rows.
+    _launch(outer[0], None, None, None, kf, m, inner[0], precision, u_im=outer[1], y_im=inner[1], outer_tw=twiddle)
+    # Inverse outer stage, t0 < N0 / 2: Re(conj(F0) W) = F0r Wr + F0i Wi.
+    z = torch.matmul(dft0[0, :half], inner[0]) + torch.matmul(dft0[1, :half], inner[1])
+    z = z.reshape(Bsz, H, half * m)[..., :L]
     return (z if postgate is None else z * postgate).to(u.dtype)
