@@ -7,12 +7,12 @@ for the whole batch, folds the D skip into that spectrum (``D v`` is the circula
 ``D`` at lag 0, whose spectrum is the constant D), and makes two (B, H, n) buffers per call instead
 of one per elementwise step: at these sizes fresh large tensors (page faults) cost as much as the
 FFTs. Its backward takes three real FFTs of (B, H) rows instead of autograd's replay of the
-forward graph.
+forward graph (two on CUDA, where the fused kernel computes the correlation).
 Semantics: `reference.fft_conv`.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -76,9 +76,13 @@ def fft_conv_fwd(
 
 def fft_conv_bwd(
     grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], pregate: Optional[Tensor], postgate: Optional[Tensor],
-    bidirectional: bool,
+    bidirectional: bool, fused: Optional[Callable[..., Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients w.r.t. ``(u, k, D, pregate, postgate)`` (None for absent optional inputs).
+
+    ``fused(x, gate, correlate=False)``, when given (the Triton kernel on CUDA), returns
+    ``(gate x) * k + D gate x`` (``correlate``: the correlation instead) in float32 for float32 x;
+    it then computes ``z`` and ``grad_v`` below, and torch's FFT only ``grad_k``.
 
     With ``v = pregate u``, ``z = v * k + D v``, ``y = postgate z`` and ``gz = postgate grad``:
     ``grad_v = corr(gz, k) + D gz`` (correlation: the conjugate kernel spectrum),
@@ -89,15 +93,22 @@ def fft_conv_bwd(
     L = u.shape[-1]
     n = transform_size(L, bidirectional)
     v = u.to(acc) if pregate is None else u.to(acc) * pregate.to(acc)
-    k_hat = _kernel_spectrum(k, D, n, bidirectional, acc)  # D inside: z = v * k + D v
+    k_hat = None if fused is not None else _kernel_spectrum(k, D, n, bidirectional, acc)  # z = v * k + D v
     g = grad.to(acc)
     grad_postgate = None
     if postgate is not None:
-        grad_postgate = (g * _convolve(_padded_signal(v, None, n, acc), k_hat, L)).to(postgate.dtype)
+        if fused is not None:
+            z = fused(u.to(acc), pregate)
+        else:
+            z = _convolve(_padded_signal(v, None, n, acc), k_hat, L)
+        grad_postgate = (g * z).to(postgate.dtype)
         g = g * postgate.to(acc)
     g_hat = torch.fft.rfft(g, n=n)
     v_hat = torch.fft.rfft(v, n=n)
-    grad_v = torch.fft.irfft(g_hat * k_hat.conj(), n=n)[..., :L]  # includes D g (D is real)
+    if fused is not None:
+        grad_v = fused(g, None, correlate=True)
+    else:
+        grad_v = torch.fft.irfft(g_hat * k_hat.conj(), n=n)[..., :L]  # includes D g (D is real)
     grad_D = None if D is None else (g * v).sum((0, 2)).to(D.dtype)
     lags = torch.fft.irfft((g_hat * v_hat.conj()).sum(0), n=n)  # circular cross-correlation, (H, n)
     grad_k = torch.stack([lags[:, :L], lags[:, n - L:].flip(-1)]) if bidirectional else lags[:, :L]

@@ -328,8 +328,14 @@ def _fft_conv_bwd_op(
     bidirectional: bool, backend: str,
 ) -> List[Tensor]:
     """Gradients w.r.t. ``u, k`` and each of ``D, pregate, postgate`` that is present, in that order.
-    torch's FFT on every backend (cuFFT on CUDA)."""
-    grads = _fft_conv.fft_conv_bwd(grad, u, k, D, pregate, postgate, bidirectional)
+    torch's FFT; on the Triton backend the fused kernel computes the correlation for grad u."""
+    fused = None
+    if backend == "triton" and _kernels(backend).fft_conv_supports(u.shape[-1], bidirectional):
+
+        def fused(x: Tensor, gate: Optional[Tensor], correlate: bool = False) -> Tensor:
+            return _kernels(backend).fft_conv_fwd(x, k, D, gate, None, bidirectional, correlate=correlate)
+
+    grads = _fft_conv.fft_conv_bwd(grad, u, k, D, pregate, postgate, bidirectional, fused)
     return [g for g in grads if g is not None]
 
 

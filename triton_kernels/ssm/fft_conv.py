@@ -94,12 +94,12 @@ def _spectrum(k: torch.Tensor, D: Optional[torch.Tensor], n: int, bidirectional:
     return spectrum / n
 
 
-def kernel_spectrum(k: torch.Tensor, n: int, bidirectional: bool) -> torch.Tensor:
-    """``(2, H, N1, N2)`` float32 planes of `_spectrum` at ``[f1, f2] = f1 + N1 f2`` (the fused
-    kernel's frequency order)."""
+def kernel_spectrum(k: torch.Tensor, n: int, bidirectional: bool, correlate: bool = False) -> torch.Tensor:
+    """``(2, H, N1, N2)`` float32 planes of `_spectrum` (conjugated for a correlation) at
+    ``[f1, f2] = f1 + N1 f2`` (the fused kernel's frequency order)."""
     n1, n2 = _split(n)
     spectrum = _spectrum(k, None, n, bidirectional).reshape(-1, n2, n1).transpose(-1, -2)
-    return torch.stack([spectrum.real, spectrum.imag]).contiguous()
+    return torch.stack([spectrum.real, -spectrum.imag if correlate else spectrum.imag]).contiguous()
 
 
 @triton.jit
@@ -217,10 +217,12 @@ def _launch(u, pregate, postgate, D, kf, n, y, precision, *, u_im=None, y_im=Non
 
 def fft_conv_fwd(
     u: torch.Tensor, k: torch.Tensor, D: Optional[torch.Tensor], pregate: Optional[torch.Tensor],
-    postgate: Optional[torch.Tensor], bidirectional: bool,
+    postgate: Optional[torch.Tensor], bidirectional: bool, *, correlate: bool = False,
 ) -> torch.Tensor:
     """``y (B, H, L)`` in ``u.dtype`` (float32/float16/bfloat16) from ``u (B, H, L)``, ``k (H, L)``
-    or ``(2, H, L)``, optional ``D (H,)`` and gates ``(B, H, L)``; requires `supports` (L)."""
+    or ``(2, H, L)``, optional ``D (H,)`` and gates ``(B, H, L)``; requires `supports` (L).
+    ``correlate=True``: the adjoint, ``(v star k)[s] = sum_t k[t - s] v[t]`` (conjugate spectrum),
+    which is grad v of the convolution."""
     L = u.shape[-1]
     n = transform_size(L, bidirectional)
     precision = "tf32x3" if u.dtype == torch.float32 else "tf32"
@@ -228,15 +230,15 @@ def fft_conv_fwd(
     if u.numel() == 0:
         return _alloc.empty(u.shape, u.dtype, u.device)
     if n > MAX_SIZE:
-        return three_stage_fft_conv(u, k, D, pregate, postgate, bidirectional, n, precision)
+        return three_stage_fft_conv(u, k, D, pregate, postgate, bidirectional, n, precision, correlate)
     y = _alloc.empty(u.shape, u.dtype, u.device)
-    _launch(u, pregate, postgate, D, kernel_spectrum(k, n, bidirectional), n, y, precision)
+    _launch(u, pregate, postgate, D, kernel_spectrum(k, n, bidirectional, correlate), n, y, precision)
     return y
 
 
 def three_stage_fft_conv(
     u: torch.Tensor, k: torch.Tensor, D: Optional[torch.Tensor], pregate: Optional[torch.Tensor],
-    postgate: Optional[torch.Tensor], bidirectional: bool, n: int, precision: str,
+    postgate: Optional[torch.Tensor], bidirectional: bool, n: int, precision: str, correlate: bool,
 ) -> torch.Tensor:
     """`fft_conv_fwd` for n > `MAX_SIZE`: n = N0 M with M = `MAX_SIZE` (n = N0 N1 N2 in all).
 
@@ -255,7 +257,9 @@ def three_stage_fft_conv(
     # Outer stage over t0 < N0 / 2 (the rest is padding): (2, B, H, N0, M), the planes of F0[:, :half] v.
     outer = torch.matmul(dft0[:, None, None, :, :half], v)
     # f = f0 + N0 (f1 + N1 f2): the spectra of the (h, f0) rows as (H N0, N1, N2) tiles.
-    spectrum = _spectrum(k, D, n, bidirectional).reshape(H, n2, n1, n0).permute(0, 3, 2, 1).reshape(H * n0, n1, n2)
+    spectrum = _spectrum(k, D, n, bidirectional)
+    spectrum = (spectrum.conj_physical() if correlate else spectrum).reshape(H, n2, n1, n0).permute(0, 3, 2, 1)
+    spectrum = spectrum.reshape(H * n0, n1, n2)
     kf = torch.stack([spectrum.real, spectrum.imag]).contiguous()
     inner = torch.empty(2, Bsz, H, n0, m, device=u.device)
     # The middle stage (twiddles in, conjugate twiddles out) on the (b, h, f0) rows.
