@@ -1,4 +1,5 @@
-"""FFT long convolution y = u * k + D u, u (B, H, L) bfloat16, k (H, L) float32, forward.
+"""FFT long convolution y = u * k + D u, u (B, H, L) bfloat16, k (H, L) float32, forward (and forward +
+backward at two sizes).
 
 Workloads: the issue's (B, H, L) = (64, 768, 1024), (64, 768, 4096) (``large``), (16, 768, 16384)
 and (8, 768, 65536) (GPU only: ``large`` and skipped on the CPU), and for ``--quick`` (8, 768, 1024),
@@ -70,3 +71,19 @@ def test_fft_conv_forward(measure, expect_close, device, shape, provider):
             bytes_moved=2 * u.numel() * 2 + k.numel() * 4,
             sizes={"B": Bsz, "H": H, "L": L, "dtype": "bfloat16", "k": "float32"},
             check=None if ref is None else expect_close(ref.float(), 1e-2, f"{provider} fft_conv"))
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+@pytest.mark.parametrize("shape", [pytest.param((8, H, 1024), id="B8-L1024"),
+                                   pytest.param((64, H, 4096), marks=pytest.mark.large, id="B64-L4096")])
+def test_fft_conv_forward_backward(measure, device, shape, provider):
+    """Forward and the gradients to u, k and D. Floor: u, y, grad y and grad u in bfloat16, k and
+    grad k in float32."""
+    Bsz, _, L = shape
+    u, k, D = (t.clone().requires_grad_() for t in setup(shape, device))
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(device)
+    fn = PROVIDERS[provider]
+    measure(lambda: torch.autograd.grad(fn(u, k, D), (u, k, D), grad), suite=SUITE + " (+ backward)",
+            workload=f"forward+backward B={Bsz} H={H} L={L} bfloat16", provider=provider,
+            bytes_moved=4 * u.numel() * 2 + 2 * k.numel() * 4,
+            sizes={"B": Bsz, "H": H, "L": L, "dtype": "bfloat16", "k": "float32"})
