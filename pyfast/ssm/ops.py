@@ -32,7 +32,7 @@ register_op("ssm.s4d_kernel", cpu=FLOAT_DTYPES, triton=(torch.float32, torch.flo
 # FFT kernel (triton_kernels/ssm/fft_conv.py) up to its on-chip length, the torch.fft path beyond.
 register_op(
     "ssm.fft_conv", cpu=FLOAT_DTYPES, triton=(torch.float32, torch.float16, torch.bfloat16),
-    cpu_path="torch.fft at a 5-smooth size with the gates and D skip in one pass",
+    cpu_path="torch.fft at a 5-smooth size, D folded into the kernel spectrum, the gates fused",
 )
 
 _KERNEL_MODULES = {"cpu": "pyfast.ssm._cpu", "triton": "pyfast.triton_kernels.ssm"}
