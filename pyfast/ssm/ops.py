@@ -16,16 +16,24 @@ from .._backend import backend_for, register_op
 from .._checks import FLOAT_DTYPES, check_choice, check_int, check_same_device, check_tensor, value_checks_enabled
 from . import _fft_conv, reference
 from .companion import companion_kernel_fft, is_stable
-from .reference import DISCRETIZATIONS
+from .reference import DISCRETIZATIONS, compute_dtype
 
 REAL_DTYPES = (torch.float32, torch.float64)
-COMPLEX_OF = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+# The complex precision of A and C for each dtype of dt (float16/bfloat16 kernels compute in float32).
+COMPLEX_OF = {
+    torch.float32: torch.complex64, torch.float64: torch.complex128,
+    torch.float16: torch.complex64, torch.bfloat16: torch.complex64,
+}
 
 MAX_LENGTH = 1 << 20
 
-register_op("ssm.s4d_kernel", cpu=REAL_DTYPES, triton=(torch.float32,))
-# The CPU path of fft_conv is torch's FFT (pyfast/ssm/_fft_conv.py); CUDA tensors run the reference.
-register_op("ssm.fft_conv", cpu=FLOAT_DTYPES, cpu_path="torch.fft at a 5-smooth size with the gates and D skip in one pass")
+register_op("ssm.s4d_kernel", cpu=FLOAT_DTYPES, triton=(torch.float32, torch.float16, torch.bfloat16))
+# fft_conv: the CPU path is torch's FFT (pyfast/ssm/_fft_conv.py); CUDA tensors run the fused Monarch
+# FFT kernel (triton_kernels/ssm/fft_conv.py) up to its on-chip length, the torch.fft path beyond.
+register_op(
+    "ssm.fft_conv", cpu=FLOAT_DTYPES, triton=(torch.float32, torch.float16, torch.bfloat16),
+    cpu_path="torch.fft at a 5-smooth size, D folded into the kernel spectrum, the gates fused",
+)
 
 _KERNEL_MODULES = {"cpu": "pyfast.ssm._cpu", "triton": "pyfast.triton_kernels.ssm"}
 
@@ -41,9 +49,9 @@ def _eager_value_checks() -> bool:
 
 
 def check_ssm_params(fn: str, dt: Tensor, A: Tensor, C: Tensor) -> None:
-    """``dt (H,)`` real, ``A (H, N)`` and ``C (channels, H, N)`` complex of the matching precision,
-    finite, ``dt > 0`` and ``Re(A) < 0``."""
-    check_tensor(fn, "dt", dt, ndim=1, dims="(H,)", dtypes=REAL_DTYPES)
+    """``dt (H,)`` real, ``A (H, N)`` and ``C (channels, H, N)`` complex of the matching precision
+    (`COMPLEX_OF`), finite, ``dt > 0`` and ``Re(A) < 0``."""
+    check_tensor(fn, "dt", dt, ndim=1, dims="(H,)", dtypes=FLOAT_DTYPES)
     complex_dtype = COMPLEX_OF[dt.dtype]
     for name, value, ndim, dims in (("A", A, 2, "(H, N)"), ("C", C, 3, "(channels, H, N)")):
         check_tensor(fn, name, value, ndim=ndim, dims=dims)
@@ -90,10 +98,16 @@ def _as_pairs(z: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.view_as_real(z).to(dtype).contiguous()
 
 
+def _as_complex(pairs: Tensor) -> Tensor:
+    """``(..., 2)`` real pairs as a complex tensor (float16/bfloat16 pairs widened to complex64)."""
+    return torch.view_as_complex(pairs.to(compute_dtype(pairs.dtype)).contiguous())
+
+
 @torch.library.custom_op("pyfast::ssm_s4d_kernel", mutates_args=())
 def _s4d_kernel_op(dt: Tensor, A: Tensor, C: Tensor, L: int, discretization: str, backend: str) -> Tensor:
     W, w = _discretize_pairs(dt, A, C, discretization)
-    return _kernels(backend).vandermonde_fwd(_as_pairs(W, dt.dtype), _as_pairs(w, dt.dtype), L)
+    acc = compute_dtype(dt.dtype)
+    return _kernels(backend).vandermonde_fwd(_as_pairs(W, acc), _as_pairs(w, acc), L, dt.dtype)
 
 
 @_s4d_kernel_op.register_fake
@@ -133,14 +147,14 @@ def _s4d_kernel_bwd_op(
     grad: Tensor, dt: Tensor, A: Tensor, C: Tensor, discretization: str, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
     W, w = _discretize_pairs(dt, A, C, discretization)
-    S0, S1 = _kernels(backend).vandermonde_bwd(grad.contiguous(), _as_pairs(w, dt.dtype))
+    S0, S1 = _kernels(backend).vandermonde_bwd(grad.contiguous(), _as_pairs(w, compute_dtype(dt.dtype)))
     S0, S1 = (torch.view_as_complex(S.double()) for S in (S0, S1))
     # K = 2 Re(sum_n W exp(l w)):  dL/dW = 2 conj(S0),  dL/dw = 2 sum_c conj(W S1)  (csrc/cpu/ssm/ssm.h)
     grad_W = 2 * S0.conj()
     grad_w = 2 * (W * S1).conj().sum(0)
     A64, C64 = (torch.view_as_complex(t.double()) for t in (A, C))
     grad_dt, grad_A, grad_C = _discretize_backward(grad_W, grad_w, dt.double(), A64, C64, discretization)
-    return grad_dt.to(dt.dtype), _as_pairs(grad_A, dt.dtype), _as_pairs(grad_C, dt.dtype)
+    return grad_dt.to(dt.dtype), _as_pairs(grad_A, A.dtype), _as_pairs(grad_C, C.dtype)
 
 
 @_s4d_kernel_bwd_op.register_fake
@@ -168,8 +182,10 @@ def s4d_kernel(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str 
     temporary; memory O(channels H L)).
 
     Args:
-        dt: ``(H,)`` float32/float64 linear step sizes, > 0 (layers keep ``log_dt`` and pass its exp).
-        A: ``(H, N)`` complex (complex64 with float32 dt, complex128 with float64), ``Re(A) < 0``:
+        dt: ``(H,)`` float32/float64/float16/bfloat16 linear step sizes, > 0 (layers keep ``log_dt``
+            and pass its exp). Its dtype is K's: float16/bfloat16 kernels compute in float32
+            (complex64 A, C) and round K once.
+        A: ``(H, N)`` complex (complex128 with float64 dt, complex64 otherwise), ``Re(A) < 0``:
             one eigenvalue of each conjugate pair.
         C: ``(channels, H, N)`` complex, same precision (B folded in).
         L: kernel length >= 1.
@@ -194,23 +210,23 @@ def s4d_kernel(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str 
 def s4d_kernel_real(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str = "zoh") -> Tensor:
     """`s4d_kernel` with ``A (H, N, 2)`` and ``C (channels, H, N, 2)`` as real ``(re, im)`` pairs (the
     layout of ``torch.view_as_real``). Layers call this form: no complex tensor then enters a
-    ``torch.compile`` graph, the complex arithmetic stays inside the custom op."""
+    ``torch.compile`` graph, the complex arithmetic stays inside the custom op. The pairs may be
+    float16/bfloat16 (computed in float32); their gradients come back in their dtype."""
     fn = "s4d_kernel_real"
-    check_tensor(fn, "A", A, ndim=3, dims="(H, N, 2)", dtypes=REAL_DTYPES)
-    check_tensor(fn, "C", C, ndim=4, dims="(channels, H, N, 2)", dtypes=REAL_DTYPES)
+    check_tensor(fn, "A", A, ndim=3, dims="(H, N, 2)", dtypes=FLOAT_DTYPES)
+    check_tensor(fn, "C", C, ndim=4, dims="(channels, H, N, 2)", dtypes=FLOAT_DTYPES)
     for name, value in (("A", A), ("C", C)):
         if value.shape[-1] != 2:
             raise ValueError(f"{fn}: {name} must end in a (re, im) axis of size 2, got shape {tuple(value.shape)}")
     if torch.compiler.is_compiling():  # shape checks only; the complex views would enter the graph
         check_tensor(fn, "dt", dt, ndim=1, dims="(H,)", dtypes=(A.dtype,))
     else:
-        check_ssm_params(fn, dt, torch.view_as_complex(A.contiguous()), torch.view_as_complex(C.contiguous()))
+        check_ssm_params(fn, dt, _as_complex(A), _as_complex(C))
     check_int(fn, "L", L, low=1, what="kernel length")
     check_choice(fn, "discretization", discretization, DISCRETIZATIONS)
     backend = backend_for("ssm.s4d_kernel", dt).backend
     if backend == "reference":
-        A, C = (torch.view_as_complex(t.contiguous()) for t in (A, C))
-        return reference.s4d_kernel(dt, A, C, L, discretization=discretization)
+        return reference.s4d_kernel(dt, _as_complex(A), _as_complex(C), L, discretization=discretization)
     return _s4d_kernel_op(dt.contiguous(), A.contiguous(), C.contiguous(), L, discretization, backend)
 
 
@@ -296,6 +312,8 @@ def _fft_conv_op(
     u: Tensor, k: Tensor, D: Optional[Tensor], pregate: Optional[Tensor], postgate: Optional[Tensor],
     bidirectional: bool, backend: str,
 ) -> Tensor:
+    if backend == "triton" and _kernels(backend).fft_conv_supports(u.shape[-1], bidirectional):
+        return _kernels(backend).fft_conv_fwd(u, k, D, pregate, postgate, bidirectional)
     return _fft_conv.fft_conv_fwd(u, k, D, pregate, postgate, bidirectional)
 
 
@@ -309,8 +327,15 @@ def _fft_conv_bwd_op(
     grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], pregate: Optional[Tensor], postgate: Optional[Tensor],
     bidirectional: bool, backend: str,
 ) -> List[Tensor]:
-    """Gradients w.r.t. ``u, k`` and each of ``D, pregate, postgate`` that is present, in that order."""
-    grads = _fft_conv.fft_conv_bwd(grad, u, k, D, pregate, postgate, bidirectional)
+    """Gradients w.r.t. ``u, k`` and each of ``D, pregate, postgate`` that is present, in that order.
+    torch's FFT; on the Triton backend the fused kernel computes the correlation for grad u."""
+    fused = None
+    if backend == "triton" and _kernels(backend).fft_conv_supports(u.shape[-1], bidirectional):
+
+        def fused(x: Tensor, gate: Optional[Tensor], correlate: bool = False) -> Tensor:
+            return _kernels(backend).fft_conv_fwd(x, k, D, gate, None, bidirectional, correlate=correlate)
+
+    grads = _fft_conv.fft_conv_bwd(grad, u, k, D, pregate, postgate, bidirectional, fused)
     return [g for g in grads if g is not None]
 
 

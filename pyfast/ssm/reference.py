@@ -49,11 +49,12 @@ def s4d_kernel(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str 
     """S4D convolution kernel ``K (channels, H, L)`` real, by the materialized Vandermonde product.
 
     Args: ``dt (H,)`` real > 0 (linear step), ``A (H, N)`` complex, ``C (channels, H, N)`` complex.
+    K has dt's dtype; float16/bfloat16 dt is computed in float32 and K rounded once.
     """
-    W, w = discretize(dt, A, C, discretization)
-    positions = torch.arange(L, device=A.device, dtype=dt.dtype)
+    W, w = discretize(dt.to(compute_dtype(dt.dtype)), A, C, discretization)
+    positions = torch.arange(L, device=A.device, dtype=w.real.dtype)
     vandermonde = torch.exp(w.unsqueeze(-1) * positions)  # (H, N, L): what the kernels never build
-    return 2 * torch.einsum("chn,hnl->chl", W, vandermonde).real
+    return (2 * torch.einsum("chn,hnl->chl", W, vandermonde).real).to(dt.dtype)
 
 
 def s4d_kernel_matrix_power(dt: Tensor, A: Tensor, C: Tensor, L: int, *, discretization: str = "zoh") -> Tensor:

@@ -103,3 +103,47 @@ def test_backend_choice():
     assert pyfast.backend_for("ssm.s4d_kernel", dt).backend == "cpu"
     with pyfast.use_backend("reference"):
         torch.testing.assert_close(pyfast.ssm.s4d_kernel(dt, A, C, 5), reference.s4d_kernel(dt, A, C, 5))
+
+
+def _low_precision_cases(kernel):
+    shapes = SMALL_SHAPES if kernel.interpreted else SHAPES
+    return [(shape, dtype) for shape in shapes for dtype in kernel.dtypes if dtype in (torch.float16, torch.bfloat16)]
+
+
+def test_low_precision_kernel(kernel):
+    """float16/bfloat16 dt: K in that dtype, computed in float32 from complex64 A, C."""
+    for shape, dtype in _low_precision_cases(kernel):
+        (dt, A, C), L = _params(shape, torch.float32, kernel.device)
+        dt = dt.to(dtype)
+        for discretization in ("zoh", "bilinear"):
+            with pyfast.use_backend(kernel.backend):
+                K = pyfast.ssm.s4d_kernel(dt, A, C, L, discretization=discretization)
+            assert K.dtype == dtype
+            ref = reference.s4d_kernel(dt.cpu().double(), A.cpu().to(torch.complex128), C.cpu().to(torch.complex128),
+                                       L, discretization=discretization)
+            assert_close(K, ref, dtype, f"{shape} {dtype} {discretization}")
+
+
+def test_low_precision_pairs_and_gradients(kernel):
+    """`s4d_kernel_real` with float16/bfloat16 (re, im) pairs: gradients come back in the pairs' dtype
+    and match the float64 reference gradients at the rounded parameters."""
+    cases = _low_precision_cases(kernel)
+    for shape, dtype in cases[:1] if kernel.interpreted else cases[:3]:
+        (dt, A, C), L = _params(shape, torch.float32, kernel.device)
+        leaves = [dt.to(dtype), torch.view_as_real(A).to(dtype), torch.view_as_real(C).to(dtype)]
+        leaves = [t.contiguous().requires_grad_() for t in leaves]
+        grad_out = torch.randn(shape[0], shape[1], L, device=kernel.device).to(dtype)
+        with pyfast.use_backend(kernel.backend):
+            K = pyfast.ssm.s4d_kernel_real(*leaves, L)
+        grads = torch.autograd.grad(K, leaves, grad_out)
+        ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+        ref_A, ref_C = (torch.view_as_complex(t) for t in ref_leaves[1:])
+        ref = reference.s4d_kernel(ref_leaves[0], ref_A, ref_C, L)
+        assert K.dtype == dtype
+        assert_close(K, ref, dtype, f"K {shape} {dtype}")
+        ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.cpu().double())
+        for name, g, r in zip(("dt", "A", "C"), grads, ref_grads):
+            assert g.dtype == dtype
+            assert_close(g, r, dtype, f"grad {name} {shape} {dtype}")
+        if shape == cases[0][0]:
+            torch.library.opcheck(torch.ops.pyfast.ssm_s4d_kernel.default, (*leaves, L, "bilinear", kernel.backend))

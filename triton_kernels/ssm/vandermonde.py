@@ -4,6 +4,7 @@ The phase ``l Im(w)`` reaches ~1e4 rad at L = 16K, beyond float32 accuracy, so i
 float64 and reduced modulo 2 pi before the float32 cos / sin; everything else is float32.
 Forward: one program per (row = (c, h), BLOCK_L positions), a loop over N in BLOCK_N tiles.
 Backward: one program per (row, BLOCK_N states), a loop over L in BLOCK_L tiles.
+K and the incoming gradient may be float16/bfloat16; the arithmetic stays float32.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _vandermonde_fwd_kernel(W_ptr, w_ptr, K_ptr, H, N, L, BLOCK_N: tl.constexpr,
         wi = tl.load(w_ptr + 2 * (h * N + n) + 1, mask=mask, other=0.0)
         pr, pi = _powers(wr, wi, pos)
         acc += tl.sum(Wr[:, None] * pr - Wi[:, None] * pi, axis=0)
-    tl.store(K_ptr + row * L + pos, 2 * acc, mask=pos < L)
+    tl.store(K_ptr + row * L + pos, (2 * acc).to(K_ptr.dtype.element_ty), mask=pos < L)
 
 
 @triton.jit
@@ -58,7 +59,7 @@ def _vandermonde_bwd_kernel(g_ptr, w_ptr, S0_ptr, S1_ptr, H, N, L, BLOCK_N: tl.c
     s1i = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for l0 in range(0, L, BLOCK_L):
         pos = l0 + tl.arange(0, BLOCK_L)
-        g = tl.load(g_ptr + row * L + pos, mask=pos < L, other=0.0)
+        g = tl.load(g_ptr + row * L + pos, mask=pos < L, other=0.0).to(tl.float32)
         lg = pos.to(tl.float32) * g
         pr, pi = _powers(wr, wi, pos)
         s0r += tl.sum(g[None, :] * pr, axis=1)
@@ -77,10 +78,11 @@ def _blocks(N: int) -> Tuple[int, int]:
     return block_n, 128
 
 
-def vandermonde_fwd(W: torch.Tensor, w: torch.Tensor, L: int) -> torch.Tensor:
-    """``K (channels, H, L)`` float32 from ``W (channels, H, N, 2)``, ``w (H, N, 2)`` float32."""
+def vandermonde_fwd(W: torch.Tensor, w: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
+    """``K (channels, H, L)`` in ``dtype`` (float32/float16/bfloat16) from ``W (channels, H, N, 2)``,
+    ``w (H, N, 2)`` float32."""
     channels, H, N, _ = W.shape
-    K = _alloc.empty((channels, H, L), W.dtype, W.device)
+    K = _alloc.empty((channels, H, L), dtype, W.device)
     block_n, block_l = _blocks(N)
     if K.numel():
         grid = (channels * H, triton.cdiv(L, block_l))
@@ -89,11 +91,11 @@ def vandermonde_fwd(W: torch.Tensor, w: torch.Tensor, L: int) -> torch.Tensor:
 
 
 def vandermonde_bwd(grad: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(S0, S1)`` ``(channels, H, N, 2)``: ``sum_l g exp(l w)`` and ``sum_l l g exp(l w)``."""
+    """``(S0, S1)`` ``(channels, H, N, 2)`` float32: ``sum_l g exp(l w)`` and ``sum_l l g exp(l w)``."""
     channels, H, L = grad.shape
     N = w.shape[1]
-    S0 = _alloc.empty((channels, H, N, 2), grad.dtype, grad.device)
-    S1 = _alloc.empty((channels, H, N, 2), grad.dtype, grad.device)
+    S0 = _alloc.empty((channels, H, N, 2), w.dtype, grad.device)
+    S1 = _alloc.empty((channels, H, N, 2), w.dtype, grad.device)
     block_n, block_l = _blocks(N)
     if S0.numel():
         grid = (channels * H, triton.cdiv(N, block_n))

@@ -4,12 +4,14 @@
 // recomputed exactly (exp, cos, sin) every kReanchor blocks. Tables and anchors are formed in
 // double, so every term is the product of two values rounded once to the compute type, and the
 // error does not grow with l. Per block the forward is a real (2N x kBlock) matrix-vector
-// product, the backward its transpose.
+// product, the backward its transpose. K and the incoming gradient may be stored in float16 /
+// bfloat16 (S); the arithmetic then runs in float32 (T = acc_t<S>).
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/half.h"
 #include "common/parallel.h"
 #include "cpu/ssm/ssm.h"
 
@@ -78,9 +80,9 @@ void power_table(const std::vector<Complex>& w, bool by_n, T* re, T* im) {
   }
 }
 
-template <typename T>
+template <typename S, typename T = acc_t<S>>
 void vandermonde_fwd(const T* W, const T* w, std::int64_t channels, std::int64_t H, std::int64_t N, std::int64_t L,
-                     T* K) {
+                     S* K) {
   parallel_for(H, 1, [&](std::int64_t h_begin, std::int64_t h_end) {
     std::vector<T> table_re(N * kBlock), table_im(N * kBlock), a_re(N), a_im(N);
     T acc[kBlock];
@@ -89,7 +91,7 @@ void vandermonde_fwd(const T* W, const T* w, std::int64_t channels, std::int64_t
       power_table(wh, /*by_n=*/true, table_re.data(), table_im.data());
       for (std::int64_t c = 0; c < channels; ++c) {
         const T* Wc = W + 2 * (c * H + h) * N;
-        T* out = K + (c * H + h) * L;
+        S* out = K + (c * H + h) * L;
         Anchors anchors(wh);
         for (std::int64_t block = 0, l0 = 0; l0 < L; ++block, l0 += kBlock) {
           if (block > 0) anchors.advance(block);
@@ -106,15 +108,15 @@ void vandermonde_fwd(const T* W, const T* w, std::int64_t channels, std::int64_t
             for (std::int64_t j = 0; j < kBlock; ++j) acc[j] += ar * er[j] + ai * ei[j];
           }
           const std::int64_t len = std::min(kBlock, L - l0);
-          std::copy(acc, acc + len, out + l0);
+          for (std::int64_t j = 0; j < len; ++j) out[l0 + j] = from_acc<S>(acc[j]);
         }
       }
     }
   });
 }
 
-template <typename T>
-void vandermonde_bwd(const T* grad, const T* w, std::int64_t channels, std::int64_t H, std::int64_t N, std::int64_t L,
+template <typename S, typename T = acc_t<S>>
+void vandermonde_bwd(const S* grad, const T* w, std::int64_t channels, std::int64_t H, std::int64_t N, std::int64_t L,
                      T* S0, T* S1) {
   parallel_for(H, 1, [&](std::int64_t h_begin, std::int64_t h_end) {
     std::vector<T> table_re(N * kBlock), table_im(N * kBlock);
@@ -125,7 +127,7 @@ void vandermonde_bwd(const T* grad, const T* w, std::int64_t channels, std::int6
       const std::vector<Complex> wh = load_w(w + 2 * h * N, N);
       power_table(wh, /*by_n=*/false, table_re.data(), table_im.data());
       for (std::int64_t c = 0; c < channels; ++c) {
-        const T* gc = grad + (c * H + h) * L;
+        const S* gc = grad + (c * H + h) * L;
         std::fill(s0.begin(), s0.end(), Complex{0.0, 0.0});
         std::fill(s1.begin(), s1.end(), Complex{0.0, 0.0});
         Anchors anchors(wh);
@@ -133,7 +135,7 @@ void vandermonde_bwd(const T* grad, const T* w, std::int64_t channels, std::int6
           if (block > 0) anchors.advance(block);
           const std::int64_t len = std::min(kBlock, L - l0);
           for (std::int64_t j = 0; j < len; ++j) {
-            g[j] = gc[l0 + j];
+            g[j] = to_acc(gc[l0 + j]);
             jg[j] = static_cast<T>(j) * g[j];
           }
           // Block sums T0 = sum_j g_j exp(j w), T1 = sum_j j g_j exp(j w), vectorized over n.
@@ -177,29 +179,24 @@ void vandermonde_bwd(const T* grad, const T* w, std::int64_t channels, std::int6
   });
 }
 
-template <typename F>
-void dispatch_real(int dtype, const char* what, F&& f) {
-  if (dtype == kFloat32) return f(TypeTag<float>{});
-  if (dtype == kFloat64) return f(TypeTag<double>{});
-  throw std::invalid_argument(std::string(what) + ": float32 or float64 expected, got dtype tag " + std::to_string(dtype));
-}
-
 }  // namespace
 
 void ssm_vandermonde_fwd(int dtype, const void* W, const void* w, std::int64_t channels, std::int64_t H,
                          std::int64_t N, std::int64_t L, void* K) {
-  dispatch_real(dtype, "ssm_vandermonde_fwd", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    vandermonde_fwd(static_cast<const T*>(W), static_cast<const T*>(w), channels, H, N, L, static_cast<T*>(K));
+  dispatch_float(dtype, "ssm_vandermonde_fwd", [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    using T = acc_t<S>;
+    vandermonde_fwd<S>(static_cast<const T*>(W), static_cast<const T*>(w), channels, H, N, L, static_cast<S*>(K));
   });
 }
 
 void ssm_vandermonde_bwd(int dtype, const void* grad, const void* w, std::int64_t channels, std::int64_t H,
                          std::int64_t N, std::int64_t L, void* S0, void* S1) {
-  dispatch_real(dtype, "ssm_vandermonde_bwd", [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    vandermonde_bwd(static_cast<const T*>(grad), static_cast<const T*>(w), channels, H, N, L, static_cast<T*>(S0),
-                    static_cast<T*>(S1));
+  dispatch_float(dtype, "ssm_vandermonde_bwd", [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    using T = acc_t<S>;
+    vandermonde_bwd<S>(static_cast<const S*>(grad), static_cast<const T*>(w), channels, H, N, L, static_cast<T*>(S0),
+                       static_cast<T*>(S1));
   });
 }
 
