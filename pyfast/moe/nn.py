@@ -25,7 +25,10 @@ class MoEAuxLosses(NamedTuple):
     load_balancing: Switch / GShard ``E * sum_e f_e P_e`` (1 under uniform routing).
     router_z: ST-MoE ``mean_t logsumexp(logits_t)^2``.
     routing_contrastive: ProMoE's routing contrastive loss (`routers.routing_contrastive_loss`)
-        for ``router="prototype"``, 0 for the other routers.
+        for ``router="prototype"`` (over the conditional tokens), 0 for the other routers.
+
+    load_balancing and router_z use the router's scores and choices of every token (for
+    ``"prototype"`` the cosine scores, unconditional tokens included).
     """
 
     load_balancing: Tensor
