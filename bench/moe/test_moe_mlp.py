@@ -9,7 +9,8 @@ Shapes (name: E experts, k, d, expert ffn), SwiGLU experts, router logits float3
 
 CUDA: every shape at T = 1, 16, 512, 4096, 16384 in bfloat16 (T >= 4096 marked large).
 CPU (2 cores in CI): the issue's CPU target, deepseek-v2-lite at T = 512 in float32 (large), and
-with ``--quick`` the same routing (E=64, k=6, T=512) at a quarter of the width (d=512, ffn=352).
+with ``--quick`` the same routing (E=64, k=6) at a quarter of the width (d=512, ffn=352) at T = 1,
+16 (decode) and 512.
 Every provider's forward output is checked against the reference before it is timed.
 
 Bytes moved (the weight-read floor that decides small-T speed), s = bytes per element:
@@ -43,7 +44,8 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-4}
 
 def _cases():
     if not torch.cuda.is_available():
-        yield pytest.param(QUICK_CPU, 512, torch.float32, id=f"{QUICK_CPU[0]}-T512-float32")
+        for T in (1, 16, 512):
+            yield pytest.param(QUICK_CPU, T, torch.float32, id=f"{QUICK_CPU[0]}-T{T}-float32")
         yield pytest.param(("deepseek-v2-lite", MODELS["deepseek-v2-lite"]), 512, torch.float32,
                            marks=pytest.mark.large, id="deepseek-v2-lite-T512-float32")
         return

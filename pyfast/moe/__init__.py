@@ -9,7 +9,7 @@ expert MLP, weighted combine, aux losses.
     # or the whole expert MLP in one op (gather, GEMM + activation, GEMM, weighted combine):
     out = pyfast.moe.moe_mlp(x, w_gate_up, w_down, weights, experts)  # w_gate_up (E, 2*ffn, d), w_down (E, d, ffn)
 """
-from . import activations, nn, parallel, reference
+from . import activations, nn, parallel, reference, routers
 from .experts import grouped_mm, moe_mlp
 from .hf import patch_hf
 from .ops import (
@@ -23,13 +23,16 @@ from .ops import (
     unpermute,
 )
 from .parallel import expert_parallel_mlp, expert_shard
+from .routers import RoutingDecision, batch_by_expert
 from .routing import Routing, expert_capacity, num_rows
 
 __all__ = [
     "MAX_EXPERTS",
     "MAX_K",
     "Routing",
+    "RoutingDecision",
     "activations",
+    "batch_by_expert",
     "nn",
     "expert_capacity",
     "expert_parallel_mlp",
@@ -43,6 +46,7 @@ __all__ = [
     "permute",
     "reference",
     "route",
+    "routers",
     "router_z_loss",
     "topk_gating",
     "unpermute",

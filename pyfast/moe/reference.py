@@ -187,3 +187,59 @@ def moe_mlp(
         y = activations.apply(hidden, activation) @ w_down[e].to(acc).T
         out = out.index_add(0, token, y * weights[token, slot].to(acc)[:, None])
     return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Routers of `SparseMoE` beyond top-k gating (specifications of `pyfast.moe.routers`)
+# --------------------------------------------------------------------------------------------------
+
+
+def activated_gating(
+    scores: torch.Tensor, k: int, *, activation: str, offset: torch.Tensor, temperature: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Activation dense-to-sparse gate (Nguyen et al. 2024): the top-k of
+    ``softmax((act(scores) + offset) / temperature)``, weights renormalized over the k choices.
+    ``scores (T, E)`` is the router's linear output, ``act`` is tanh or sigmoid, ``offset (E,)``."""
+    act = {"tanh": torch.tanh, "sigmoid": torch.sigmoid}[activation]
+    return topk_gating(act(scores) + offset, k, temperature=temperature)
+
+
+def prototype_gating(
+    x: torch.Tensor, prototypes: torch.Tensor, k: int, *, scale: float = 1.0
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ProMoE prototypical routing (Wei et al. 2025, eq. 4, identity score activation):
+    ``(scores (T, E), weights (T, k), experts (T, k) int32)`` with ``scores = scale * cos(x_t, p_e)``,
+    the k largest scores chosen (ties to the lower index) and used as the gate weights."""
+    acc = compute_dtype(x.dtype)
+    scores = scale * torch.nn.functional.cosine_similarity(x.to(acc)[:, None, :], prototypes.to(acc)[None], dim=-1)
+    experts = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return scores, scores.gather(1, experts), experts.to(torch.int32)
+
+
+def routing_contrastive_loss(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    prototypes: torch.Tensor,
+    temperature: float,
+    token_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """ProMoE routing contrastive loss (eq. 6): over the experts A that received tokens,
+    ``-1/|A| sum_{i in A} log( exp(cos(p_i, m_i) / tau) / sum_{j in A} exp(cos(p_i, m_j) / tau) )``,
+    ``m_e`` the mean of the tokens ``x (T, d)`` with e among their choices ``experts (T, k)``
+    (tokens with ``token_mask`` only). 0 when no token is routed."""
+    acc = compute_dtype(x.dtype)
+    x, p = x.to(acc), prototypes.to(acc)
+    keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if token_mask is None else token_mask
+    active, centroids = [], []
+    for e in range(p.shape[0]):
+        chosen = (experts == e).any(dim=1) & keep
+        if chosen.any():
+            active.append(e)
+            centroids.append(x[chosen].mean(dim=0))
+    if not active:
+        return (x.sum() + p.sum()) * 0
+    terms = []
+    for i, e in enumerate(active):
+        sims = torch.stack([torch.nn.functional.cosine_similarity(p[e], m, dim=0) for m in centroids]) / temperature
+        terms.append(-torch.log_softmax(sims, dim=0)[i])
+    return torch.stack(terms).mean()

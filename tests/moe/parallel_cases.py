@@ -69,14 +69,14 @@ def _check_layer(ranks, group, *, router, capacity_factor, seed):
     torch.manual_seed(seed)
     single = SparseMoE(D, FFN, E, K, **kwargs)
     sharded = SparseMoE(D, FFN, E, K, process_group=group or dist.group.WORLD, **kwargs)
-    start, local = sharded.expert_start, sharded.w_down.shape[0]
+    start, local = sharded.expert_start, sharded.num_local_experts
     assert local == E // world and start == me * local
     with torch.no_grad():
         if router == "sigmoid_bias":
             single.routing_bias[E - local:] = -100.0
         state = single.state_dict()
-        for name in ("w_gate_up", "w_down"):
-            state[name] = state[name][start:start + local]
+        for name in ("w_gate_up", "w_down"):  # this rank's routed experts, then the replicated shared one
+            state[name] = torch.cat([state[name][start:start + local], state[name][E:]])
         sharded.load_state_dict(state)
 
     def inputs(r):
@@ -104,10 +104,10 @@ def _check_layer(ranks, group, *, router, capacity_factor, seed):
     _close(out, ref_out, "out")
     _close(grads[0], ref_x_grad, "grad x")
     _close(grads[1], ref_gate_grad, "grad router")
-    _close(grads[2], ref_w1[start:start + local], "grad w_gate_up")
-    _close(grads[3], ref_w2[start:start + local], "grad w_down")
+    _close(grads[2][:local], ref_w1[start:start + local], "grad w_gate_up")
+    _close(grads[3][:local], ref_w2[start:start + local], "grad w_down")
     if router == "sigmoid_bias" and me == world - 1:
-        assert grads[2].abs().max() == 0 and grads[3].abs().max() == 0
+        assert grads[2][:local].abs().max() == 0 and grads[3][:local].abs().max() == 0
 
 
 def _check_group(ranks, group):

@@ -15,8 +15,9 @@ def _layer(**kwargs):
 @pytest.mark.parametrize(
     "kwargs",
     [{}, {"router": "sigmoid_bias"}, {"capacity_factor": 0.5}, {"num_shared_experts": 2, "activation": "gelu"},
-     {"residual": True, "temperature": 0.7}],
-    ids=["softmax", "sigmoid_bias", "capacity", "shared", "residual"],
+     {"residual": True, "temperature": 0.7}, {"router": "activated_softmax", "temperature": 0.5},
+     {"router": "prototype", "prototype_scale": 4.0}, {"num_shared_experts": 1, "residual": True, "capacity_factor": 0.7}],
+    ids=["softmax", "sigmoid_bias", "capacity", "shared", "residual", "activated", "prototype", "extras-capacity"],
 )
 def test_sparse_moe_matches_reference_ops(kwargs):
     layer = _layer(**kwargs)
@@ -100,7 +101,7 @@ def test_routing_bias_balances_load():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"SparseMoE: router must be one of \('softmax', 'sigmoid_bias'\), got 'top1'"):
+    with pytest.raises(ValueError, match=r"SparseMoE: router must be one of \('softmax', 'sigmoid_bias', 'activated_softmax', 'prototype'\), got 'top1'"):
         SparseMoE(8, 8, 4, 2, router="top1")
     with pytest.raises(ValueError, match=r"SparseMoE: k must be in \[1, 4\]"):
         SparseMoE(8, 8, 4, 5)
@@ -130,7 +131,7 @@ def test_pyramid_moe_layers():
     pyramid = PyramidMoE(12, 8, [3, 3, 6], k=1, capacity_factor=2.0)
     x = torch.randn(5, 12)
     assert [layer.num_experts for layer in pyramid] == [3, 3, 6]
-    assert all(layer.residual_mlp is not None and layer.k == 1 for layer in pyramid)
+    assert all(layer.coefficient is not None and layer.k == 1 for layer in pyramid)
     out, aux = pyramid[2](x)
     with pyfast.use_backend("reference"):
         ref, _ = pyramid[2](x)

@@ -1,6 +1,7 @@
 """Launchers of the expert-compute kernels (grouped_gemm.py): `grouped_mm` and its weight
 gradient, and the fused expert MLP forward / backward (the backend contract of pyfast/moe/experts.py).
 
+Fewer than `decode.DECODE_MAX_TOKENS` tokens take the fused decode kernel (decode.py).
 Block sizes come from `gemm_config`, keyed by the average rows per expert (T * k / E, known from
 shapes alone), the GEMM's n and k, the dtype and the GPU generation.
 """
@@ -15,6 +16,7 @@ from ... import _alloc, _ext
 from ...moe import activations
 
 from ._utils import compute_dtype
+from . import decode
 from .grouped_gemm import (
     ACT_CODES,
     _act_bwd_gemm_kernel,
@@ -149,6 +151,11 @@ def moe_mlp_fwd(x, w1, w2, weights, row_of_assignment, assignment_of_row, counts
     rows, ffn = assignment_of_row.shape[0], w2.shape[2]
     gated = activations.is_gated(activation)
     unary = activations.GATED.get(activation, activation)
+    if tokens < decode.DECODE_MAX_TOKENS:
+        return decode.moe_mlp_decode_fwd(
+            x, w1, w2, weights, row_of_assignment, assignment_of_row, counts, offsets,
+            act=ACT_CODES[unary], gated=gated, precision=_precision(x.dtype),
+        )
     per_expert = tokens * top_k / w1.shape[0]
     hidden = torch.zeros((rows, w1.shape[1]), dtype=x.dtype, device=x.device)
     act = torch.empty((rows, ffn), dtype=x.dtype, device=x.device)
