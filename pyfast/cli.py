@@ -1,8 +1,9 @@
-"""pyfast command line: `pyfast info | bench | check`.
+"""pyfast command line: `pyfast info | bench | check | demo`.
 
   pyfast info     versions, devices, compiled modules, and which backend runs each op
   pyfast bench    the benchmark suites (bench/<family>/): pyfast vs reference vs torch-native
   pyfast check    the correctness suites (tests/), plus the Triton kernels under the interpreter
+  pyfast demo pde solve a 1-D and a 2-D high-frequency PDE with GP-HM, plot solution / truth / error
 
 `bench` and `check` need a pyfast source checkout (its bench/ and tests/ directories).
 """
@@ -219,6 +220,18 @@ def cmd_check(args) -> int:
     return next((code for _, code, _ in runs if code != 0), 0)
 
 
+# --------------------------------------------------------------------------- demo
+def cmd_demo(args) -> int:
+    from pyfast.gp.pde import demo
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        demo.run(args.out, device, log=console.print)
+    except RuntimeError as err:
+        return _fail(str(err))
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="pyfast", description=__doc__,
@@ -238,8 +251,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     check = sub.add_parser("check", help="run the correctness suites (and the Triton kernels under the interpreter)")
     check.add_argument("--gpu", action="store_true", help="run the tests marked gpu or triton on CUDA")
     check.add_argument("--tests-dir", metavar="DIR", help="the tests/ directory of a pyfast checkout")
+    demo = sub.add_parser("demo", help="worked examples: `pyfast demo pde` (GP-HM PDE solver)")
+    demo.add_argument("example", choices=["pde"], help="pde: a 1-D and a 2-D GP-HM solve with a plot")
+    demo.add_argument("--out", default="pyfast_pde_demo.png", metavar="PATH", help="PNG to write (default %(default)s)")
     args = parser.parse_args(argv)
-    return {"info": cmd_info, "bench": cmd_bench, "check": cmd_check}[args.command](args)
+    return {"info": cmd_info, "bench": cmd_bench, "check": cmd_check, "demo": cmd_demo}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
     grid = pyfast.gp.KroneckerGrid([K1, K2, K3], noise=1e-2)
     alpha, logdet = grid.solve(y), grid.logdet()
     mll = grid.marginal_log_likelihood(y)                       # differentiable in K_d and noise
+    solver = pyfast.gp.pde.PROBLEMS["poisson1d_sin100"].solver(); solver.fit()   # GP-HM PDE solver
 """
-from . import reference
+from . import pde, reference
 from .cg import CGResult, incomplete_grid_solve
 from .grid import KroneckerGrid
 from .kernels import COMPONENTS, kernel_matrix, mixture_of_products_mv, product_of_mixtures
@@ -20,6 +21,7 @@ __all__ = [
     "kron_mv",
     "mixture_of_products_mv",
     "mode_product",
+    "pde",
     "product_of_mixtures",
     "reference",
 ]
