@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_tensor, value_checks_enabled
+from .._linalg import eigh_threads
 from . import _modes, ops, reference
 
 # Factors up to this size are decomposed on the CPU even when the data lives on CUDA: torch's GPU
@@ -41,9 +42,10 @@ def _eigh64(K: Tensor) -> Tuple[Tensor, Tensor]:
     """float64 ``eigh`` of a small symmetric matrix, on the CPU when it is small (see above)."""
     work = K.detach().to(torch.float64)
     if work.is_cuda and work.shape[0] <= EIGH_ON_CPU_MAX:
-        lam, Q = torch.linalg.eigh(work.cpu())
-        return lam.to(K.device), Q.to(K.device)
-    return torch.linalg.eigh(work)
+        work = work.cpu()
+    with eigh_threads(work):
+        lam, Q = torch.linalg.eigh(work)
+    return lam.to(K.device), Q.to(K.device)
 
 
 def _outer_all(vectors: Sequence[Tensor]) -> Tensor:

@@ -12,7 +12,6 @@ float16/bfloat16/float32 inputs accumulate in float32, float64 inputs in float64
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 from typing import Optional, Union
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from .._backend import backend_for, get_backend, register_op
 from .._checks import FLOAT_DTYPES, check_int, check_same_device, check_tensor, value_checks_enabled
+from .._linalg import eigh_threads
 from . import _torch, reference
 from .factors import Eigen, EKFACFactors, LowRankQuery
 from .reference import compute_dtype
@@ -197,25 +197,8 @@ def eigen_factors(A: Tensor, S: Tensor, *, name: str = "layer") -> Eigen:
         if M.shape[0] != M.shape[1]:
             raise ValueError(f"{fn}: {name}: {arg} must be square, got shape {tuple(M.shape)}")
     check_same_device(fn, A=A, S=S)
-    if A.device.type != "cpu" or max(A.shape[0], S.shape[0]) >= _THREADED_EIGH_MIN:
+    with eigh_threads(A, S):
         return reference.eigen_factors(A, S, name)
-    with _single_thread():
-        return reference.eigen_factors(A, S, name)
-
-
-# Below this size a CPU eigendecomposition is too small to share between threads: they add only
-# synchronization, which on a loaded machine costs 10-100x the work (measured at d = 65..513).
-_THREADED_EIGH_MIN = 1024
-
-
-@contextlib.contextmanager
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------

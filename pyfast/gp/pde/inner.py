@@ -27,6 +27,7 @@ from typing import Callable, List, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from ..._linalg import eigh_threads
 from ..ops import kron_mv
 from .derivatives import AxisOperators, Term
 
@@ -43,7 +44,8 @@ class Eigenbasis:
     """``S = (Q_1 (x) ... (x) Q_D) diag(Lambda)^{1/2}`` of the jittered factors."""
 
     def __init__(self, ops: Sequence[AxisOperators]):
-        pairs = [torch.linalg.eigh(o.K.detach()) for o in ops]
+        with eigh_threads(*(o.K for o in ops)):
+            pairs = [torch.linalg.eigh(o.K.detach()) for o in ops]
         self.Q = [Q.contiguous() for _, Q in pairs]
         self.lams = [lam.clamp_min(0) for lam, _ in pairs]  # K is jittered: any clamp is rounding only
         lam = self.lams[0]
