@@ -1,7 +1,8 @@
 """Saving and loading quantized models with safetensors (needs the ``safetensors`` package).
 
-The file holds the model's state dict (packed codes and scales of every `PowerQuantLinear`, all
-other tensors as they are) and, in its metadata, each quantized layer's grid, so that
+The file holds the model's state dict (packed codes and scales of every `PowerQuantLinear`, with
+per-group exponents their index, all other tensors as they are) and, in its metadata, each quantized
+layer's grid (the exponent, or the list of distinct per-group exponents), so that
 `load_quantized` can rebuild the layers inside a freshly constructed float model.
 """
 from __future__ import annotations
@@ -46,8 +47,9 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        q = QuantizedTensor(tensors[f"{name}.codes"], tensors[f"{name}.scales"], spec["exponent"], spec["bits"],
-                            spec["group_size"], tuple(spec["shape"]), 1, spec["symmetric"])
+        exponent = tuple(spec["exponent"]) if isinstance(spec["exponent"], list) else spec["exponent"]
+        q = QuantizedTensor(tensors[f"{name}.codes"], tensors[f"{name}.scales"], exponent, spec["bits"],
+                            spec["group_size"], tuple(spec["shape"]), 1, spec["symmetric"], tensors.get(f"{name}.exponent_index"))
         bias = getattr(old, "bias", None)
         setattr(parent, child, PowerQuantLinear(q, bias))
     model.load_state_dict(tensors, strict=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,8 @@ METHODS = ("uniform", "powerquant", "nupes")
 
 
 class PowerQuantLinear(nn.Module):
-    """``y = x W^T + b`` with W stored as a `QuantizedTensor` (buffers ``codes``, ``scales``).
+    """``y = x W^T + b`` with W stored as a `QuantizedTensor` (buffers ``codes``, ``scales`` and, with
+    per-group exponents, ``exponent_index``).
 
     Shapes: x ``(..., in_features)`` -> ``(..., out_features)``. The weight is frozen; the bias
     (if any) stays a trainable parameter. ``state_dict`` holds the packed codes and scales, so the
@@ -35,10 +36,11 @@ class PowerQuantLinear(nn.Module):
         self.bits, self.group_size, self.exponent, self.symmetric = q.bits, q.group_size, q.exponent, q.symmetric
         self.register_buffer("codes", q.codes)
         self.register_buffer("scales", q.scales)
+        self.register_buffer("exponent_index", q.exponent_index)  # None (not in state_dict) for one exponent
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, exponent: float, *, group_size: Optional[int] = 128,
+    def from_linear(cls, linear: nn.Linear, bits: int, exponent: Union[float, Tensor], *, group_size: Optional[int] = 128,
                     clip=1.0, symmetric: bool = True) -> "PowerQuantLinear":
         q = power_quantize(linear.weight.detach(), bits, exponent, group_size=group_size, clip=clip, symmetric=symmetric)
         return cls(q, linear.bias)
@@ -46,22 +48,23 @@ class PowerQuantLinear(nn.Module):
     @property
     def quantized(self) -> QuantizedTensor:
         return QuantizedTensor(self.codes, self.scales, self.exponent, self.bits, self.group_size,
-                               (self.out_features, self.in_features), 1, self.symmetric)
+                               (self.out_features, self.in_features), 1, self.symmetric, self.exponent_index)
 
     def forward(self, x: Tensor) -> Tensor:
         y = power_linear(x, self.quantized)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
+        exponent = f"{len(self.exponent)} per-group values" if self.exponent_index is not None else f"{self.exponent:g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, exponent={self.exponent:g}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, exponent={exponent}, bias={self.bias is not None}")
 
 
 @dataclass
 class LayerReport:
     name: str
     shape: tuple
-    exponent: float
+    exponent: float  # the mean over groups with per-group exponents
     weight_error: float  # ||W - Q(W)||^2 / ||W||^2
 
 
@@ -125,6 +128,7 @@ def quantize_model(
     exponents: Sequence[float] = DEFAULT_EXPONENTS,
     clips: Sequence[float] = DEFAULT_CLIPS,
     symmetric: bool = True,
+    per_group_exponent: bool = False,
     nupes_steps: int = 100,
     seed: int = 0,
     progress: bool = True,
@@ -140,6 +144,8 @@ def quantize_model(
         include / exclude: fnmatch patterns on module names (``include=None``: every Linear).
         calib: optional ``calib(model)`` running forward passes on calibration data; the searches
             then minimize each layer's output error on its captured inputs (first ``calib_rows`` rows).
+        per_group_exponent: ``"powerquant"`` searches one exponent per group instead of per layer
+            (`search_exponent(..., per_group=True)`).
         progress: a progress bar over the layers.
 
     Returns:
@@ -166,10 +172,12 @@ def quantize_model(
                                      symmetric=symmetric, progress=False)
             layer = PowerQuantLinear(result.q, linear.bias)
         else:
-            found = search_exponent(w, bits, group_size=g, candidates=candidates, clips=clips, x=captured.get(name), symmetric=symmetric)
+            found = search_exponent(w, bits, group_size=g, candidates=candidates, clips=clips, x=captured.get(name),
+                                    symmetric=symmetric, per_group=per_group_exponent and method == "powerquant")
             layer = PowerQuantLinear.from_linear(linear, bits, found.exponent, group_size=g, clip=found.clip, symmetric=symmetric)
         w64 = w.double()
-        err = ((layer.quantized.dequantize(torch.float64) - w64).square().sum() / w64.square().sum()).item()
-        report.layers.append(LayerReport(name, tuple(w.shape), layer.exponent, err))
+        q = layer.quantized
+        err = ((q.dequantize(torch.float64) - w64).square().sum() / w64.square().sum()).item()
+        report.layers.append(LayerReport(name, tuple(w.shape), float(q.group_exponents().mean()) if q.per_group else q.exponent, err))
         setattr(parent, child, layer.to(w.device))
     return report
