@@ -25,7 +25,7 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 
     layers = {
         name: {"bits": m.bits, "group_size": m.group_size, "exponent": m.exponent, "symmetric": m.symmetric,
-               "shape": [m.out_features, m.in_features]}
+               "shape": [m.out_features, m.in_features], "act_bits": m.act_bits, "act_exponent": m.act_exponent}
         for name, m in model.named_modules() if isinstance(m, PowerQuantLinear)
     }
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -51,6 +51,7 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module
         q = QuantizedTensor(tensors[f"{name}.codes"], tensors[f"{name}.scales"], exponent, spec["bits"],
                             spec["group_size"], tuple(spec["shape"]), 1, spec["symmetric"], tensors.get(f"{name}.exponent_index"))
         bias = getattr(old, "bias", None)
-        setattr(parent, child, PowerQuantLinear(q, bias))
+        act = {"act_bits": spec.get("act_bits"), "act_exponent": spec.get("act_exponent", 1.0)}
+        setattr(parent, child, PowerQuantLinear(q, bias, **act))
     model.load_state_dict(tensors, strict=True)
     return model

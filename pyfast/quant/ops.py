@@ -39,11 +39,11 @@ def _eager_value_checks() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_bits(fn: str, bits) -> int:
+def _check_bits(fn: str, bits, name: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"{fn}: bits must be an int, got {type(bits).__name__}")
+        raise TypeError(f"{fn}: {name} must be an int, got {type(bits).__name__}")
     if bits not in SUPPORTED_BITS:
-        raise ValueError(f"{fn}: bits must be one of {SUPPORTED_BITS}, got {bits}")
+        raise ValueError(f"{fn}: {name} must be one of {SUPPORTED_BITS}, got {bits}")
     return bits
 
 
@@ -218,6 +218,20 @@ def search_exponent(
     )
 
 
+def search_activation_exponent(
+    x: Tensor, bits: int, *, candidates: Sequence[float] = DEFAULT_EXPONENTS
+) -> float:
+    """The exponent of `power_linear`'s activation fake quantization that minimizes
+    ``||fq(x) - x||^2`` over calibration activations ``x (..., K)``: `search_exponent` with one group
+    per row (the per-token scale), clip 1 and the grid with an exact zero, all candidates in one pass."""
+    fn = "search_activation_exponent"
+    check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{fn}: x must have at least one dimension, got a scalar")
+    return search_exponent(x.reshape(-1, x.shape[-1]), bits, group_size=None, candidates=candidates, clips=(1.0,),
+                           symmetric=False).exponent
+
+
 # --------------------------------------------------------------------------------------------------
 # power_linear: y = x W^T with W decoded from the packed codes inside the kernel
 # --------------------------------------------------------------------------------------------------
@@ -290,13 +304,25 @@ def _kernel_backend(op: str, x: Tensor, q: QuantizedTensor) -> str:
     return backend_for(op, x).backend
 
 
-def power_linear(x: Tensor, q: QuantizedTensor) -> Tensor:
+def check_activation_quant(fn: str, act_bits, act_exponent) -> None:
+    """Validates the activation fake-quantization arguments (``act_bits`` None: off)."""
+    if act_bits is not None:
+        _check_bits(fn, act_bits, "act_bits")
+        _check_positive(fn, "act_exponent", act_exponent)
+
+
+def power_linear(x: Tensor, q: QuantizedTensor, *, act_bits: Optional[int] = None, act_exponent: float = 1.0) -> Tensor:
     """``y = x W^T`` with ``W = dequantize(q)`` decoded on the fly (never materialized for few rows).
 
     Args:
         x: ``(..., K)`` float32/float16/bfloat16/float64 activations.
         q: a `QuantizedTensor` of a ``(N, K)`` weight grouped along K (``power_quantize(w, ...)``
             with the default ``axis=-1``), on x's device.
+        act_bits: None, or 3/4/8 to fake-quantize x first (W4A8-style evaluation): per-token
+            dynamic scale ``max|x_row|``, the grid with an exact zero and exponent ``act_exponent``
+            (`pyfast.quant.reference.quantize_activations`), gradient by the straight-through
+            estimator (identity). Quantization runs in torch before the kernel.
+        act_exponent: the activations' exponent (> 0; 1 is uniform; see `search_activation_exponent`).
 
     Returns:
         ``(..., N)`` in x.dtype, accumulated in float32 (float64 for float64 x). Differentiable
@@ -305,11 +331,14 @@ def power_linear(x: Tensor, q: QuantizedTensor) -> Tensor:
     fn = "power_linear"
     check_tensor(fn, "x", x, dtypes=FLOAT_DTYPES)
     _check_linear_weight(fn, q)
+    check_activation_quant(fn, act_bits, act_exponent)
     N, K = q.shape
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"{fn}: x must have last dimension in_features = {K}, got shape {tuple(x.shape)}")
     if x.device != q.device:
         raise ValueError(f"{fn}: q is on {q.device} but x is on {x.device}; move it with q.to(x.device)")
+    if act_bits is not None:
+        x = reference.straight_through(x, reference.quantize_activations(x, act_bits, act_exponent))
     backend = _kernel_backend("quant.power_linear", x, q)
     if backend == "reference":
         return reference.power_linear(x, q)

@@ -23,6 +23,13 @@ elements along ``axis``: ``s = clip * max|w|`` over the group, ``clip`` a float 
 (`search_clip`). With ``symmetric=False`` and ``a = 1/2`` the value is ``s/(L/2)^2 * q|q|``,
 ``q = c - L/2``: at 4 bits an integer in [-64, 49] times ``s/64``, exact in int8.
 
+Activation fake quantization (`quantize_activations`, W4A8-style evaluation): each row of x (a
+token) gets the dynamic scale ``s = max|x_row|`` and its values are replaced by their dequantized
+codes on the grid with an exact zero (``symmetric=False``) of ``act_bits`` levels and their own
+exponent; at 8 bits and exponent 1 that is per-token absmax int8 with levels ``q s / 128``,
+``q in [-128, 127]``. `power_linear` applies it to x before the product; its gradient is the
+straight-through estimator (identity: d fq(x) / dx := 1).
+
 Packed layout (`pack_codes`): each row of codes is a little-endian bit stream, code ``k`` in bits
 ``[bits*k, bits*k + bits)``, rows padded with zero codes to a multiple of 8 codes, so a row takes
 ``bits * ceil(K / 8)`` bytes and every 8 codes fill exactly ``bits`` bytes (4-bit: two codes per
@@ -240,9 +247,27 @@ def unpack_codes(packed: Tensor, bits: int, K: int) -> Tensor:
     return codes.reshape(rows, blocks * 8)[:, :K]
 
 
-def power_linear(x: Tensor, q: QuantizedTensor) -> Tensor:
+def quantize_activations(x: Tensor, bits: int, exponent: float) -> Tensor:
+    """Fake-quantized ``x (..., K)`` in x.dtype (module docstring): per-row absmax scale, grid with an
+    exact zero, computed in the compute dtype of x. Not differentiable (see `straight_through`)."""
+    acc = compute_dtype(x.dtype)
+    xf = x.detach().to(acc)
+    scale = xf.abs().amax(dim=-1, keepdim=True) if xf.numel() else xf.new_zeros(*xf.shape[:-1], 1)
+    codes = _codes(xf, scale, bits, exponent, symmetric=False)
+    return (levels(bits, exponent, symmetric=False).to(dtype=acc, device=x.device)[codes] * scale).to(x.dtype)
+
+
+def straight_through(x: Tensor, value: Tensor) -> Tensor:
+    """``value`` in the forward pass, the gradient of ``x`` in the backward (``x - x.detach()`` is 0)."""
+    return value.detach() + (x - x.detach())
+
+
+def power_linear(x: Tensor, q: QuantizedTensor, act_bits: Optional[int] = None, act_exponent: float = 1.0) -> Tensor:
     """``y = x W^T`` with ``W = dequantize(q)`` of shape ``(N, K)``: x ``(..., K)`` -> ``(..., N)`` in
-    ``x.dtype``, computed in the compute dtype of x."""
+    ``x.dtype``, computed in the compute dtype of x. With ``act_bits``, x is first fake-quantized
+    (`quantize_activations`, straight-through gradient)."""
+    if act_bits is not None:
+        x = straight_through(x, quantize_activations(x, act_bits, act_exponent))
     acc = compute_dtype(x.dtype)
     return torch.nn.functional.linear(x.to(acc), dequantize(q, acc)).to(x.dtype)
 
