@@ -7,6 +7,7 @@ the reference when no kernel covers the call (`backend_for` says which and why).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from typing import Optional, Sequence, Union
@@ -173,7 +174,7 @@ def dequantize(q: QuantizedTensor, dtype: Optional[torch.dtype] = None) -> Tenso
     if backend == "reference":
         return reference.dequantize(q, dtype)
     N, K = q.shape
-    return _dequantize_op(q.codes.contiguous(), q.scales.float().contiguous(), q.table(), _table_index(q), q.bits,
+    return _dequantize_op(q.codes.contiguous(), q.scales.float().contiguous(), _kernel_table(q), _table_index(q), q.bits,
                           q.group_size, K, out_dtype, backend)
 
 
@@ -293,6 +294,19 @@ def _check_linear_weight(fn: str, q) -> QuantizedTensor:
     return q
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_table(bits: int, exponent, symmetric: bool, device: torch.device) -> Tensor:
+    return reference.grid_table(bits, exponent, symmetric, torch.float32, device)
+
+
+def _kernel_table(q: QuantizedTensor) -> Tensor:
+    """``q.table()`` in float32, cached per grid in eager mode (the kernels only read it; computing
+    the levels in float64 costs tens of microseconds per call, as much as a small GEMV)."""
+    if torch.compiler.is_compiling():
+        return q.table()
+    return _cached_table(q.bits, q.exponent, q.symmetric, q.device)
+
+
 def _table_index(q: QuantizedTensor) -> Optional[Tensor]:
     return None if q.exponent_index is None else q.exponent_index.contiguous()
 
@@ -345,6 +359,6 @@ def power_linear(x: Tensor, q: QuantizedTensor, *, act_bits: Optional[int] = Non
     x2 = x.reshape(-1, K)
     if x2.shape[0] and K > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    y = _power_linear_op(x2, q.codes.contiguous(), q.scales.float().contiguous(), q.table(), _table_index(q), q.bits,
+    y = _power_linear_op(x2, q.codes.contiguous(), q.scales.float().contiguous(), _kernel_table(q), _table_index(q), q.bits,
                          q.group_size, backend)
     return y.reshape(*x.shape[:-1], N)

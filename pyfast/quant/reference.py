@@ -71,6 +71,17 @@ def levels(bits: int, exponent: Union[float, Tensor], symmetric: bool = True, dt
     return torch.sign(t) * t.abs() ** (1.0 / exponent)
 
 
+def grid_table(bits: int, exponent: Union[float, Tuple[float, ...]], symmetric: bool = True,
+               dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None) -> Tensor:
+    """`levels` computed in float64, then cast: ``(2**bits,)`` for one exponent, ``(E, 2**bits)``
+    for a tuple of E exponents (row e: ``exponent[e]``)."""
+    if isinstance(exponent, tuple):
+        table = torch.stack([levels(bits, a, symmetric) for a in exponent])
+    else:
+        table = levels(bits, exponent, symmetric)
+    return table.to(dtype=dtype, device=device)
+
+
 MAX_GROUP_EXPONENTS = 256  # distinct per-group exponents of one tensor (uint8 index)
 
 
@@ -127,9 +138,7 @@ class QuantizedTensor:
     def table(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The dequantized value of each code at scale 1 (computed in float64): ``(2**bits,)``, or
         ``(len(exponent), 2**bits)`` with per-group exponents (row e: exponent ``exponent[e]``)."""
-        if not self.per_group:
-            return levels(self.bits, self.exponent, self.symmetric).to(dtype=dtype, device=self.device)
-        return torch.stack([levels(self.bits, a, self.symmetric) for a in self.exponent]).to(dtype=dtype, device=self.device)
+        return grid_table(self.bits, self.exponent, self.symmetric, dtype, self.device)
 
     def to(self, device: Union[str, torch.device]) -> "QuantizedTensor":
         index = None if self.exponent_index is None else self.exponent_index.to(device)

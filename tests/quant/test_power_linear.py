@@ -144,3 +144,11 @@ def test_public_dequantize_matches_reference(kernel):
                 assert out.dtype == dtype and out.shape == (N, K)
                 assert_close(out, reference.dequantize(q), dtype, f"public dequantize {bits} bits {dtype}")
         assert pyfast.backend_for("quant.dequantize", torch.empty(0, device=kernel.device)).backend == kernel.backend
+
+
+def test_quantized_tensor_dequantize_method_is_the_fast_path(monkeypatch):
+    q = quant.power_quantize(torch.randn(37, 64), 4, 0.8, group_size=16)
+    expected = reference.dequantize(q)
+    monkeypatch.setattr(reference, "dequantize", lambda *args: pytest.fail("QuantizedTensor.dequantize ran the reference"))
+    with pyfast.use_backend("cpu"):
+        assert torch.equal(q.dequantize(), expected) and q.dequantize(torch.bfloat16).dtype == torch.bfloat16
