@@ -8,7 +8,7 @@ from . import reference
 from .io import load_quantized, save_quantized
 from .nupes import NupesResult, fake_quantize, nupes_calibrate
 from .nn import PowerQuantLinear, QuantizationReport, quantize_model
-from .ops import dequantize, power_linear, power_quantize, search_exponent
+from .ops import dequantize, power_linear, power_quantize, search_activation_exponent, search_exponent
 from .reference import SUPPORTED_BITS, QuantizedTensor, SearchResult, levels
 
 __all__ = [
@@ -28,5 +28,6 @@ __all__ = [
     "quantize_model",
     "reference",
     "save_quantized",
+    "search_activation_exponent",
     "search_exponent",
 ]

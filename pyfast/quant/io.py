@@ -1,7 +1,8 @@
 """Saving and loading quantized models with safetensors (needs the ``safetensors`` package).
 
-The file holds the model's state dict (packed codes and scales of every `PowerQuantLinear`, all
-other tensors as they are) and, in its metadata, each quantized layer's grid, so that
+The file holds the model's state dict (packed codes and scales of every `PowerQuantLinear`, with
+per-group exponents their index, all other tensors as they are) and, in its metadata, each quantized
+layer's grid (the exponent, or the list of distinct per-group exponents), so that
 `load_quantized` can rebuild the layers inside a freshly constructed float model.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ def save_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> None:
 
     layers = {
         name: {"bits": m.bits, "group_size": m.group_size, "exponent": m.exponent, "symmetric": m.symmetric,
-               "shape": [m.out_features, m.in_features]}
+               "shape": [m.out_features, m.in_features], "act_bits": m.act_bits, "act_exponent": m.act_exponent}
         for name, m in model.named_modules() if isinstance(m, PowerQuantLinear)
     }
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -46,9 +47,11 @@ def load_quantized(model: nn.Module, path: Union[str, os.PathLike]) -> nn.Module
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
-        q = QuantizedTensor(tensors[f"{name}.codes"], tensors[f"{name}.scales"], spec["exponent"], spec["bits"],
-                            spec["group_size"], tuple(spec["shape"]), 1, spec["symmetric"])
+        exponent = tuple(spec["exponent"]) if isinstance(spec["exponent"], list) else spec["exponent"]
+        q = QuantizedTensor(tensors[f"{name}.codes"], tensors[f"{name}.scales"], exponent, spec["bits"],
+                            spec["group_size"], tuple(spec["shape"]), 1, spec["symmetric"], tensors.get(f"{name}.exponent_index"))
         bias = getattr(old, "bias", None)
-        setattr(parent, child, PowerQuantLinear(q, bias))
+        act = {"act_bits": spec.get("act_bits"), "act_exponent": spec.get("act_exponent", 1.0)}
+        setattr(parent, child, PowerQuantLinear(q, bias, **act))
     model.load_state_dict(tensors, strict=True)
     return model

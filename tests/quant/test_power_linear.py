@@ -69,7 +69,7 @@ def test_reference_gradcheck():
 def test_dequantize_kernel(kernel):
     for N, K, group_size, bits in WEIGHTS:
         q = _quantized(N, K, group_size, bits, device=kernel.device)
-        args = (q.codes, q.scales.float(), q.table(), bits, group_size, K)
+        args = (q.codes, q.scales.float(), q.table(), None, bits, group_size, K)
         for dtype in kernel.dtypes:
             if dtype == torch.float64:
                 continue
@@ -97,9 +97,9 @@ def test_opcheck(kernel, requires_grad):
     table = q.table()
     for M in (1, 6) if kernel.interpreted else (1, 6, 20):
         x = torch.randn(M, 32, device=kernel.device, requires_grad=requires_grad)
-        torch.library.opcheck(torch.ops.pyfast.quant_power_linear, (x, q.codes, q.scales.float(), table, 4, 8, kernel.backend))
+        torch.library.opcheck(torch.ops.pyfast.quant_power_linear, (x, q.codes, q.scales.float(), table, None, 4, 8, kernel.backend))
     torch.library.opcheck(
-        torch.ops.pyfast.quant_dequantize, (q.codes, q.scales.float(), table, 4, 8, 32, torch.float32, kernel.backend)
+        torch.ops.pyfast.quant_dequantize, (q.codes, q.scales.float(), table, None, 4, 8, 32, torch.float32, kernel.backend)
     )
 
 
@@ -144,3 +144,11 @@ def test_public_dequantize_matches_reference(kernel):
                 assert out.dtype == dtype and out.shape == (N, K)
                 assert_close(out, reference.dequantize(q), dtype, f"public dequantize {bits} bits {dtype}")
         assert pyfast.backend_for("quant.dequantize", torch.empty(0, device=kernel.device)).backend == kernel.backend
+
+
+def test_quantized_tensor_dequantize_method_is_the_fast_path(monkeypatch):
+    q = quant.power_quantize(torch.randn(37, 64), 4, 0.8, group_size=16)
+    expected = reference.dequantize(q)
+    monkeypatch.setattr(reference, "dequantize", lambda *args: pytest.fail("QuantizedTensor.dequantize ran the reference"))
+    with pyfast.use_backend("cpu"):
+        assert torch.equal(q.dequantize(), expected) and q.dequantize(torch.bfloat16).dtype == torch.bfloat16

@@ -102,16 +102,14 @@ struct Avx2Decoder<8> {
 // (`shuffled_position`), so x is permuted to that order once per call. No scale: callers apply
 // the group's scale to the group's sum.
 struct Avx2ByteDecoder4 {
-  __m256i plane[4];
+  std::uint8_t plane[4][32];  // unaligned storage: decoders live in std::vector
 
-  PYFAST_AVX2 explicit Avx2ByteDecoder4(const float* table) {
-    alignas(32) std::uint8_t bytes[4][32];
+  explicit Avx2ByteDecoder4(const float* table) {
     for (int c = 0; c < 16; ++c) {
       std::uint8_t level[4];
       std::memcpy(level, table + c, 4);
-      for (int j = 0; j < 4; ++j) bytes[j][c] = bytes[j][c + 16] = level[j];
+      for (int j = 0; j < 4; ++j) plane[j][c] = plane[j][c + 16] = level[j];
     }
-    for (int j = 0; j < 4; ++j) plane[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[j]));
   }
 
   // 32 codes from 16 packed bytes -> out[0..4).
@@ -121,8 +119,8 @@ struct Avx2ByteDecoder4 {
     const __m128i even = _mm_and_si128(packed, mask);
     const __m128i odd = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
     const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(even, odd), _mm_unpacklo_epi8(even, odd));
-    const __m256i b0 = _mm256_shuffle_epi8(plane[0], codes), b1 = _mm256_shuffle_epi8(plane[1], codes);
-    const __m256i b2 = _mm256_shuffle_epi8(plane[2], codes), b3 = _mm256_shuffle_epi8(plane[3], codes);
+    const __m256i b0 = _mm256_shuffle_epi8(load_plane(0), codes), b1 = _mm256_shuffle_epi8(load_plane(1), codes);
+    const __m256i b2 = _mm256_shuffle_epi8(load_plane(2), codes), b3 = _mm256_shuffle_epi8(load_plane(3), codes);
     const __m256i low_a = _mm256_unpacklo_epi8(b0, b1), low_b = _mm256_unpackhi_epi8(b0, b1);
     const __m256i high_a = _mm256_unpacklo_epi8(b2, b3), high_b = _mm256_unpackhi_epi8(b2, b3);
     out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low_a, high_a));
@@ -130,6 +128,8 @@ struct Avx2ByteDecoder4 {
     out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low_b, high_b));
     out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low_b, high_b));
   }
+
+  PYFAST_AVX2 __m256i load_plane(int j) const { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane[j])); }
 };
 
 // The decoded block stored to out[0..8) (the interface ScalarDecoder offers).

@@ -34,7 +34,7 @@ void linear_tile_scalar(const float* x, std::int64_t K, const QuantWeight& w, st
   float acc[MB][8] = {};
   float values[8];
   for (std::int64_t k = 0; k < K; k += 8) {
-    if (k % w.group_size == 0) decoder.set_group(w.table, scales[k / w.group_size]);
+    if (k % w.group_size == 0) decoder.set_group(w.group_table(n, k / w.group_size), scales[k / w.group_size]);
     decoder.decode(row + (k / 8) * Bits, values);
     for (int m = 0; m < MB; ++m) {
       for (int i = 0; i < 8; ++i) acc[m][i] += x[m * K + k + i] * values[i];
@@ -61,7 +61,7 @@ PYFAST_AVX2 void linear_tile_avx2(const float* x, std::int64_t K, const QuantWei
     for (int m = 0; m < MB; ++m) acc[c][m] = _mm256_setzero_ps();
   }
   for (std::int64_t k = 0, g = 0; k < K; ++g) {
-    decoder.set_group(w.table, scales[g]);
+    decoder.set_group(w.group_table(n, g), scales[g]);
     const std::int64_t end = k + w.group_size;
     for (; k + 8 * kChains <= end; k += 8 * kChains, block += Bits * kChains) {
       for (int c = 0; c < kChains; ++c) {
@@ -83,14 +83,17 @@ PYFAST_AVX2 void linear_tile_avx2(const float* x, std::int64_t K, const QuantWei
 }
 
 // One row of x against W[n] for 4-bit codes and group sizes that are multiples of 32, through
-// Avx2ByteDecoder4; x is in the shuffled order (`shuffled_position` within each block of 32).
-PYFAST_AVX2 void linear_row_avx2_bytes(const float* x, std::int64_t K, const QuantWeight& w, std::int64_t n, float* out) {
-  const Avx2ByteDecoder4 decoder(w.table);
+// Avx2ByteDecoder4 (decoders[e] for table e); x is in the shuffled order (`shuffled_position`
+// within each block of 32).
+PYFAST_AVX2 void linear_row_avx2_bytes(const float* x, std::int64_t K, const QuantWeight& w, const Avx2ByteDecoder4* decoders,
+                                       std::int64_t n, float* out) {
   const std::uint8_t* block = w.codes + n * w.row_bytes;
   const float* scales = w.scales + n * (K / w.group_size);
+  const std::uint8_t* index = w.table_index == nullptr ? nullptr : w.table_index + n * (K / w.group_size);
   __m256 total = _mm256_setzero_ps();
   __m256 values[4];
   for (std::int64_t k = 0, g = 0; k < K; ++g) {
+    const Avx2ByteDecoder4& decoder = decoders[index == nullptr ? 0 : index[g]];
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     for (const std::int64_t end = k + w.group_size; k < end; k += 32, block += 16) {
       decoder.decode(block, values);
@@ -164,6 +167,12 @@ void power_linear(const T* x, std::int64_t M, std::int64_t x_stride, const Quant
       xf[m * K + at] = to_acc(x[m * x_stride + k]);
     }
   }
+#ifdef PYFAST_QUANT_AVX2
+  std::vector<Avx2ByteDecoder4> decoders;
+  if (bytes) {
+    for (int e = 0; e < w.tables; ++e) decoders.emplace_back(w.table + (e << Bits));
+  }
+#endif
   // Column blocks are handed out dynamically: on a shared machine a descheduled thread then delays
   // one block, not a whole static half of the output.
   const std::int64_t blocks = (w.rows + kColumnGrain - 1) / kColumnGrain;
@@ -173,7 +182,7 @@ PYFAST_OMP(omp parallel for schedule(dynamic, 1) if (blocks > 1))
     for (std::int64_t n = b * kColumnGrain; n < std::min(w.rows, (b + 1) * kColumnGrain); ++n) {
 #ifdef PYFAST_QUANT_AVX2
       if (bytes) {
-        linear_row_avx2_bytes(xf.data(), K, w, n, out);
+        linear_row_avx2_bytes(xf.data(), K, w, decoders.data(), n, out);
         y[n] = from_acc<T>(out[0]);
         continue;
       }
@@ -195,7 +204,7 @@ __attribute__((always_inline)) inline void dequantize_row(const QuantWeight& w, 
   Decoder decoder;
   float values[8];
   for (std::int64_t k = 0; k < w.cols; k += 8) {
-    if (k % w.group_size == 0) decoder.set_group(w.table, scales[k / w.group_size]);
+    if (k % w.group_size == 0) decoder.set_group(w.group_table(n, k / w.group_size), scales[k / w.group_size]);
     decoder.decode(row + (k / 8) * Bits, values);
     for (int i = 0; i < 8; ++i) out[k + i] = from_acc<T>(values[i]);
   }

@@ -2,8 +2,9 @@
 //
 // A quantized weight W (N, K) is `codes` (N, row_bytes) uint8 in the bit-stream layout of
 // reference.pack_codes (code k of a row in bits [bits*k, bits*k + bits), 8 codes per `bits` bytes),
-// `scales` (N, K / group_size) float32 and `table` (2^bits,) float32, the dequantized value of each
-// code at scale 1: W[n, k] = scales[n, k / group_size] * table[code(n, k)].
+// `scales` (N, K / group_size) float32 and `table` (tables, 2^bits) float32, the dequantized value of
+// each code at scale 1 for each exponent: W[n, k] = scales[n, g] * table[e(n, g), code(n, k)],
+// g = k / group_size, e(n, g) = table_index[n, g] (per-group exponents) or 0 (table_index null).
 // group_size must be a multiple of 8 (a block of 8 codes never straddles two groups).
 #pragma once
 
@@ -18,8 +19,16 @@ struct QuantWeight {
   std::int64_t row_bytes;  // bits * ceil(K / 8)
   const float* scales;     // (N, K / group_size), contiguous
   std::int64_t group_size;
-  const float* table;      // (2^bits,)
+  const float* table;      // (tables, 2^bits)
   int bits;                // 3, 4 or 8
+  const std::uint8_t* table_index;  // (N, K / group_size), contiguous, or nullptr: one table
+  int tables;                       // rows of `table` (1 without table_index)
+
+  std::int64_t groups() const { return cols / group_size; }
+  // The 2^bits levels of group g of row n.
+  const float* group_table(std::int64_t n, std::int64_t g) const {
+    return table_index == nullptr ? table : table + (static_cast<std::int64_t>(table_index[n * groups() + g]) << bits);
+  }
 };
 
 // y (M, N) = x (M, K) W^T in x's float dtype (float32/float16/bfloat16), float32 accumulation.
