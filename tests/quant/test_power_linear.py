@@ -4,6 +4,7 @@ import torch
 
 import pyfast
 from kernel_cases import assert_close
+from power_linear_cases import check_power_linear
 from pyfast.quant import reference
 
 quant = pyfast.quant
@@ -27,15 +28,7 @@ def _quantized(N, K, group_size, bits, symmetric=True, device="cpu"):
 def test_matches_reference(kernel, N, K, group_size, bits):
     for symmetric in (True, False):
         q = _quantized(N, K, group_size, bits, symmetric, kernel.device)
-        for dtype in kernel.dtypes:
-            if dtype == torch.float64:
-                continue  # runs the reference
-            for M in _rows(kernel):
-                x = torch.randn(M, K, device=kernel.device).to(dtype)
-                with pyfast.use_backend(kernel.backend):
-                    y = quant.power_linear(x, q)
-                assert y.dtype == dtype and y.shape == (M, N)
-                assert_close(y, reference.power_linear(x.double(), q), dtype, f"M={M} {dtype} sym={symmetric}")
+        check_power_linear(kernel, q, _rows(kernel), f"sym={symmetric}")
 
 
 def test_batched_and_strided_inputs(kernel):
