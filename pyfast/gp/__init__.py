@@ -9,14 +9,17 @@
 from . import pde, reference
 from .cg import CGResult, incomplete_grid_solve
 from .grid import KroneckerGrid
+from .slq import LogdetEstimate, incomplete_grid_logdet
 from .kernels import COMPONENTS, kernel_matrix, mixture_of_products_mv, product_of_mixtures
 from .ops import kron_mv, mode_product
 
 __all__ = [
     "CGResult",
     "COMPONENTS",
+    "incomplete_grid_logdet",
     "incomplete_grid_solve",
     "KroneckerGrid",
+    "LogdetEstimate",
     "kernel_matrix",
     "kron_mv",
     "mixture_of_products_mv",

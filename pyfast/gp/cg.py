@@ -11,8 +11,8 @@ the observed subspace), exact when every point is observed with one noise level 
 after one iteration). Gradients use the adjoint solve: ``dL/dy = A^{-1} g`` and
 ``dL/dtheta = -(A^{-1} g)^T (dA/dtheta) x``, differentiated through `kron_mv`.
 
-The log-determinant of ``A`` is not computed here (no exact Kronecker formula exists for it);
-stochastic Lanczos quadrature would estimate it and is not implemented.
+The log-determinant of ``A`` has no exact Kronecker formula; `pyfast.gp.incomplete_grid_logdet`
+estimates it by stochastic Lanczos quadrature.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _pcg(problem: _Problem, b: Tensor, tol: float, max_iter: int, progress: bool
         rz = (r * z).sum(0)
         residual = float((r.norm(dim=0) / b_norm).max()) if b.numel() else 0.0
         it = 0
-        bar = _progress(progress, max_iter)
+        bar = progress_bar(progress, max_iter, "pcg")
         while residual > tol and it < max_iter:
             Ap = problem.matvec(p)
             alpha = rz / (p * Ap).sum(0)
@@ -89,7 +89,7 @@ def _pcg(problem: _Problem, b: Tensor, tol: float, max_iter: int, progress: bool
             it += 1
             residual = float((r.norm(dim=0) / b_norm).max())
             if bar is not None:
-                bar.update(residual)
+                bar.update(f"residual {residual:.2e}")
             if residual <= tol:
                 break
             z = problem.precondition(r)
@@ -102,22 +102,25 @@ def _pcg(problem: _Problem, b: Tensor, tol: float, max_iter: int, progress: bool
 
 
 class _Bar:
-    def __init__(self, max_iter: int):
+    """A transient rich progress bar of ``total`` iterations named ``name``."""
+
+    def __init__(self, total: int, name: str):
         from rich.progress import Progress
 
         self._progress = Progress(transient=True)
         self._progress.start()
-        self._task = self._progress.add_task("pcg", total=max_iter)
+        self._name = name
+        self._task = self._progress.add_task(name, total=total)
 
-    def update(self, residual: float) -> None:
-        self._progress.update(self._task, advance=1, description=f"pcg residual {residual:.2e}")
+    def update(self, status: str) -> None:
+        self._progress.update(self._task, advance=1, description=f"{self._name} {status}")
 
     def close(self) -> None:
         self._progress.stop()
 
 
-def _progress(enabled: bool, max_iter: int):
-    return _Bar(max_iter) if enabled else None
+def progress_bar(enabled: bool, total: int, name: str) -> Optional[_Bar]:
+    return _Bar(total, name) if enabled else None
 
 
 class _CGSolve(torch.autograd.Function):
@@ -144,6 +147,33 @@ class _CGSolve(torch.autograd.Function):
                 grads = torch.autograd.grad(surrogate, [noise, *factors])
             grad_noise, grad_factors = grads[0], list(grads[1:])
         return (None, None, lam if wants[2] else None, grad_noise, *grad_factors)
+
+
+def observed_problem(fn: str, factors, like: Tensor, noise, mask: Optional[Tensor]):
+    """Validated ``(factors, index, noise)``: the factors (``like``'s dtype and device), the
+    observed grid indices (None: the whole grid) and the ``(M,)`` per-observation noise."""
+    factors = ops.check_factors(fn, factors, like, square=True)
+    N = math.prod([f.shape[0] for f in factors])
+    index = None
+    if mask is not None:
+        check_tensor(fn, "mask", mask, ndim=1, dims=f"({N},)", dtypes=(torch.bool,))
+        if mask.shape[0] != N or mask.device != like.device:
+            raise ValueError(f"{fn}: mask must have shape ({N},) (the grid) on {like.device}, got {tuple(mask.shape)} on {mask.device}")
+        index = mask.nonzero().squeeze(1)
+    M = N if index is None else index.shape[0]
+    if isinstance(noise, Tensor):
+        check_tensor(fn, "noise", noise, dtypes=(like.dtype,))
+        if noise.numel() == 1:
+            noise = noise.reshape(1).expand(M)
+        elif tuple(noise.shape) != (M,):
+            raise ValueError(f"{fn}: noise must be a scalar or have shape ({M},) (one per observation), got {tuple(noise.shape)}")
+    elif isinstance(noise, (int, float)) and not isinstance(noise, bool):
+        noise = torch.full((M,), float(noise), dtype=like.dtype, device=like.device)
+    else:
+        raise TypeError(f"{fn}: noise must be a float or a tensor, got {type(noise).__name__}")
+    if value_checks_enabled() and M and not bool((noise.detach() > 0).all() & torch.isfinite(noise.detach()).all()):
+        raise ValueError(f"{fn}: noise must be positive and finite, got min {float(noise.detach().min())}")
+    return factors, index, noise
 
 
 def incomplete_grid_solve(
@@ -173,28 +203,8 @@ def incomplete_grid_solve(
     """
     fn = "incomplete_grid_solve"
     check_tensor(fn, "y", y, dtypes=(torch.float32, torch.float64))
-    factors = ops.check_factors(fn, factors, y, square=True)
-    N = math.prod([f.shape[0] for f in factors])
-    index = None
-    if mask is not None:
-        check_tensor(fn, "mask", mask, ndim=1, dims=f"({N},)", dtypes=(torch.bool,))
-        if mask.shape[0] != N or mask.device != y.device:
-            raise ValueError(f"{fn}: mask must have shape ({N},) (the grid) on {y.device}, got {tuple(mask.shape)} on {mask.device}")
-        index = mask.nonzero().squeeze(1)
-    M = N if index is None else index.shape[0]
-    ops.check_grid_vector(fn, "y", y, M, "one row per observed grid point")
-    if isinstance(noise, Tensor):
-        check_tensor(fn, "noise", noise, dtypes=(y.dtype,))
-        if noise.numel() == 1:
-            noise = noise.reshape(1).expand(M)
-        elif tuple(noise.shape) != (M,):
-            raise ValueError(f"{fn}: noise must be a scalar or have shape ({M},) (one per observation), got {tuple(noise.shape)}")
-    elif isinstance(noise, (int, float)) and not isinstance(noise, bool):
-        noise = torch.full((M,), float(noise), dtype=y.dtype, device=y.device)
-    else:
-        raise TypeError(f"{fn}: noise must be a float or a tensor, got {type(noise).__name__}")
-    if value_checks_enabled() and M and not bool((noise.detach() > 0).all() & torch.isfinite(noise.detach()).all()):
-        raise ValueError(f"{fn}: noise must be positive and finite, got min {float(noise.detach().min())}")
+    factors, index, noise = observed_problem(fn, factors, y, noise, mask)
+    ops.check_grid_vector(fn, "y", y, noise.shape[0], "one row per observed grid point")
     if not (isinstance(tol, float) and tol > 0):
         raise ValueError(f"{fn}: tol must be a positive float, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
