@@ -2,8 +2,8 @@
 describe the machine, and turn the results into tables (terminal, markdown) and JSON.
 
 A benchmark reports through ``benchmark.extra_info`` (see bench/conftest.py): ``suite``,
-``workload``, ``provider`` (pyfast | reference | torch-native), ``bytes_moved``, ``sizes``,
-``device``. Each table row is one workload: the provider medians, pyfast's speedup over the
+``workload``, ``provider`` (pyfast | reference | torch-native | another library, e.g. gpytorch),
+``bytes_moved``, ``sizes``, ``device``. Each table row is one workload: the provider medians, pyfast's speedup over the
 others, pyfast's achieved bandwidth (bytes moved / median) and, where the device's copy bandwidth
 is known, the fraction of the memory floor reached (floor = bytes moved / bandwidth).
 """
@@ -213,10 +213,17 @@ class Report:
             by_suite.setdefault(row.suite, []).append(row)
         return by_suite
 
-    HEADER = ("workload", "MB moved", "pyfast", "reference", "torch-native", "vs reference", "vs torch-native",
-              "pyfast GB/s", "of memory floor")
+    @staticmethod
+    def providers(rows: List[Row]) -> List[str]:
+        """pyfast, reference, torch-native, then any other provider of these rows (e.g. gpytorch)."""
+        others = sorted({p for row in rows for p in row.stats} - set(PROVIDERS))
+        return [*PROVIDERS, *others]
 
-    def cells(self, row: Row, color: bool) -> List[str]:
+    @staticmethod
+    def header(providers: List[str]) -> List[str]:
+        return ["workload", "MB moved", *providers, *(f"vs {p}" for p in providers[1:]), "pyfast GB/s", "of memory floor"]
+
+    def cells(self, row: Row, providers: List[str], color: bool) -> List[str]:
         """One table row; ``color``: rich markup for the terminal, else plain markdown."""
         def ratio(other: str) -> str:
             x = row.speedup(other)
@@ -231,8 +238,8 @@ class Report:
 
         fast = row.median("pyfast")
         floor = row.bytes_moved / self.bandwidth if self.bandwidth else None
-        return [row.workload, f"{row.bytes_moved / 1e6:,.1f}", *(timing(p) for p in PROVIDERS),
-                ratio("reference"), ratio("torch-native"),
+        return [row.workload, f"{row.bytes_moved / 1e6:,.1f}", *(timing(p) for p in providers),
+                *(ratio(p) for p in providers[1:]),
                 f"{row.bytes_moved / fast / 1e9:.1f}" if fast else "-",
                 _percent(floor / fast) if floor and fast else "-"]
 
@@ -240,10 +247,11 @@ class Report:
         out = []
         for suite, rows in self.suites().items():
             table = Table(title=f"{suite}\nmedian times on {self._device_name()}", title_justify="left")
-            for name in self.HEADER:
+            providers = self.providers(rows)
+            for name in self.header(providers):
                 table.add_column(name, justify="left" if name == "workload" else "right")
             for row in rows:
-                table.add_row(*self.cells(row, color=True))
+                table.add_row(*self.cells(row, providers, color=True))
             out.append(table)
         return out
 
@@ -256,7 +264,7 @@ class Report:
             note = f"memory floor = bytes moved / {self.bandwidth / 1e12:.2f} TB/s device-copy bandwidth"
         else:
             note = "of memory floor: no copy-bandwidth figure for this device (pass --bandwidth TB/s)"
-        if any(row.noisy(p) for row in self.rows for p in PROVIDERS):
+        if any(row.noisy(p) for row in self.rows for p in row.stats):
             note += f"; * noisy: interquartile range over {NOISY_IQR:.0%} of the median"
         return note
 
@@ -267,9 +275,10 @@ class Report:
         lines += ["", "Median times (pytest-benchmark, one call per round, CUDA synchronized inside the timed call); "
                   "`vs X` = X's median / pyfast's median; " + self.floor_note() + ".", ""]
         for suite, rows in self.suites().items():
-            lines += [f"## {suite}", "", "| " + " | ".join(self.HEADER) + " |",
-                      "|" + "---|" + "---:|" * (len(self.HEADER) - 1)]
-            lines += ["| " + " | ".join(self.cells(row, color=False)) + " |" for row in rows]
+            providers = self.providers(rows)
+            header = self.header(providers)
+            lines += [f"## {suite}", "", "| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
+            lines += ["| " + " | ".join(self.cells(row, providers, color=False)) + " |" for row in rows]
             lines.append("")
         return "\n".join(lines)
 
@@ -281,7 +290,7 @@ class Report:
                 "suite": r.suite, "workload": r.workload, "sizes": r.sizes, "bytes_moved": r.bytes_moved,
                 "memory_floor_s": r.bytes_moved / self.bandwidth if self.bandwidth else None,
                 "seconds": r.stats,
-                "speedup_vs": {p: r.speedup(p) for p in PROVIDERS[1:]},
+                "speedup_vs": {p: r.speedup(p) for p in self.providers([r])[1:]},
             } for r in self.rows],
         }
 
