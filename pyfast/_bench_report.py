@@ -3,9 +3,9 @@ describe the machine, and turn the results into tables (terminal, markdown) and 
 
 A benchmark reports through ``benchmark.extra_info`` (see bench/conftest.py): ``suite``,
 ``workload``, ``provider`` (pyfast | reference | torch-native | another library, e.g. gpytorch),
-``bytes_moved``, ``sizes``, ``device``. Each table row is one workload: the provider medians, pyfast's speedup over the
-others, pyfast's achieved bandwidth (bytes moved / median) and, where the device's copy bandwidth
-is known, the fraction of the memory floor reached (floor = bytes moved / bandwidth).
+``bytes_moved``, ``sizes``, ``device``. Each table row is one workload: the provider medians,
+pyfast's speedup over the others, pyfast's achieved bandwidth (bytes moved / median) and, where
+the device's copy bandwidth is known, the fraction of the memory floor reached (floor = bytes moved / bandwidth).
 """
 from __future__ import annotations
 
