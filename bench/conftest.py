@@ -12,7 +12,8 @@ Markers: ``large`` (skipped by --quick), ``cpu_only`` (deselected on CUDA).
 The `measure` fixture runs a workload: one untimed call (warm-up; its output is checked when the
 test passes ``check``), a second untimed call that sizes the number of rounds (skipped for slow
 CPU calls), then ``benchmark.pedantic`` rounds of one call each, as many as fit the time budget
-within the bounds of ``ROUNDS`` (at least 3 on the CPU, 10 on CUDA, 5 on CUDA with --quick).
+within the bounds of ``ROUNDS`` (at least 3 on the CPU, 10 on CUDA, 5 on CUDA with --quick), and
+one round for a call longer than the whole budget.
 On CUDA the timed function ends with ``torch.cuda.synchronize()`` so each round times the whole
 kernel chain. ``extra_info`` records what the report needs: suite, workload, provider, bytes
 moved, sizes and device.
@@ -109,7 +110,10 @@ def measure(benchmark, device, quick):
             start = time.perf_counter()
             timed()
             first = time.perf_counter() - start
-        rounds = max(least, min(most, int(budget / max(first, 1e-7))))
+        # A call longer than the whole budget (a reference at full size on the CPU) is timed once:
+        # its run-to-run spread is small next to its length, and three rounds of a minute-long
+        # call would dominate the suite.
+        rounds = 1 if first >= budget else max(least, min(most, int(budget / max(first, 1e-7))))
 
         benchmark.group = f"{suite} | {workload}"
         benchmark.extra_info.update(suite=suite, workload=workload, provider=provider,
