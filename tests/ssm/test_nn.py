@@ -31,18 +31,24 @@ def test_forward_matches_reference(bidirectional, init):
     assert_close(layer(u), _layer_reference(layer, u), torch.float32, f"{init} bidirectional={bidirectional}")
 
 
+def run_steps(layer, u):
+    """The layer's recurrent mode over ``u (B, H, L)``, one step per position: ``(B, H, L)``."""
+    with torch.no_grad():
+        state = layer.initial_state(u.shape[0])
+        steps = []
+        for t in range(u.shape[-1]):
+            y_t, state = layer.step(u[..., t], state)
+            steps.append(y_t)
+    return torch.stack(steps, -1)
+
+
 @pytest.mark.parametrize("discretization", ["zoh", "bilinear"])
 def test_step_equals_convolution(discretization):
     layer = S4D(5, 7, discretization=discretization, dt_min=1e-2, dt_max=1e-1)
     u = signal(3, 5, 40)
     with torch.no_grad():
         y_conv = layer(u)
-        state = layer.initial_state(3)
-        steps = []
-        for t in range(u.shape[-1]):
-            y_t, state = layer.step(u[..., t], state)
-            steps.append(y_t)
-    assert_close(torch.stack(steps, -1), y_conv.double(), torch.float32)
+    assert_close(run_steps(layer, u), y_conv.double(), torch.float32)
 
 
 def test_step_rejects_bidirectional():
@@ -110,12 +116,7 @@ def test_spacetime_step_equals_convolution():
     u = signal(2, 4, 30, dtype=torch.float64)
     with torch.no_grad():
         y_conv = layer(u)
-        state = layer.initial_state(2)
-        steps = []
-        for t in range(u.shape[-1]):
-            y_t, state = layer.step(u[..., t], state)
-            steps.append(y_t)
-    torch.testing.assert_close(torch.stack(steps, -1), y_conv)
+    torch.testing.assert_close(run_steps(layer, u), y_conv)
 
 
 def test_spacetime_closed_loop_forecast():
