@@ -219,6 +219,7 @@ class KroneckerGrid:
         self._P = [P.to(self.dtype).contiguous() for P in Ps]
         self._Pt = [P.t().contiguous() for P in self._P]
         self._inv_L_work = self._inv_L.to(self.dtype)
+        self._inv_sqrt_L: Optional[Tensor] = None  # L^{-1/2}, made by the first inv_sqrt_mv
 
     def _check_spectrum(self, d: int, lam: Tensor) -> None:
         """No clamping: an indefinite factor (beyond rounding) is an error."""
@@ -262,6 +263,17 @@ class KroneckerGrid:
         """``L^{-1} P^T y`` for ``y (N, B)``."""
         z = _modes.kron_apply(self._Pt, y, self.sizes, y.shape[1], apply=self._apply)
         return z.mul_(self._inv_L_work[:, None])  # z is a fresh tensor
+
+    def inv_sqrt_mv(self, v: Tensor) -> Tensor:
+        """``A^{-1/2} v = P diag(L^{-1/2}) P^T v`` for ``v (N, B)``, the symmetric inverse square root
+        (``D = I`` only; no gradient). Used to precondition iterative methods."""
+        if self.diagonals is not None:
+            raise ValueError("KroneckerGrid.inv_sqrt_mv: the symmetric root needs D = I (no diagonals)")
+        z = _modes.kron_apply(self._Pt, v, self.sizes, v.shape[1], apply=self._apply)
+        if self._inv_sqrt_L is None:
+            self._inv_sqrt_L = self._inv_L.sqrt().to(self.dtype)[:, None]
+        z = z.mul_(self._inv_sqrt_L)
+        return _modes.kron_apply(self._P, z, self.sizes, v.shape[1], apply=self._apply)
 
     def _from_eigenbasis(self, beta: Tensor) -> Tensor:
         return _modes.kron_apply(self._P, beta, self.sizes, beta.shape[1], apply=self._apply)

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int
-from . import _modes
 from .cg import observed_problem, progress_bar
 from .grid import KroneckerGrid
 from .ops import kron_mv
@@ -50,7 +49,7 @@ def _lanczos_quadrature(apply_B, Z: Tensor, steps: int, bar) -> Tensor:
     q_prev = torch.zeros_like(q)
     beta_prev = torch.zeros(p, dtype=Z.dtype, device=Z.device)
     alphas, betas = [], []
-    length = torch.full((p,), steps, dtype=torch.long)
+    length = torch.full((p,), steps, dtype=torch.long, device=Z.device)
     active = torch.ones(p, dtype=torch.bool, device=Z.device)
     for j in range(steps):
         w = apply_B(q) - beta_prev * q_prev
@@ -63,13 +62,14 @@ def _lanczos_quadrature(apply_B, Z: Tensor, steps: int, bar) -> Tensor:
             bar.update(f"step {j + 1}")
         # Breakdown: the Krylov space of this probe is exhausted and its quadrature is exact.
         done = active & (beta <= 1e3 * torch.finfo(Z.dtype).eps * alpha.abs().clamp_min(1.0))
-        length[done.cpu()] = j + 1
+        length = torch.where(done, j + 1, length)
         active = active & ~done
-        if not bool(active.any()):
+        if not bool(active.any()):  # one host sync per step: stop once every probe has broken down
             break
         q_prev, q = q, torch.where(active, w / torch.where(active, beta, 1.0), 0.0)
         beta_prev = torch.where(active, beta, 0.0)
     alphas, betas = torch.stack(alphas).double().cpu(), torch.stack(betas).double().cpu()
+    length = length.cpu()
     quad = torch.empty(p, dtype=torch.float64)
     for c in range(p):
         m = int(length[c])
@@ -126,16 +126,10 @@ def incomplete_grid_logdet(
             warnings.simplefilter("ignore", RuntimeWarning)
             grid = KroneckerGrid(factors, mean)
         offset = grid.logdet().double()
-        root = grid._inv_L.sqrt().to(dtype)[:, None]  # L^{-1/2}
-        sizes = grid.sizes
-
-        def inv_sqrt_P(v: Tensor) -> Tensor:
-            z = _modes.kron_apply(grid._Pt, v, sizes, v.shape[1], apply=grid._apply) * root
-            return _modes.kron_apply(grid._P, z, sizes, v.shape[1], apply=grid._apply)
 
         def apply_B(v: Tensor) -> Tensor:
-            u = inv_sqrt_P(v)
-            return v + inv_sqrt_P((noise - mean)[:, None] * u)
+            u = grid.inv_sqrt_mv(v)
+            return v + grid.inv_sqrt_mv((noise - mean)[:, None] * u)
     else:
         diag_K = factors[0].diagonal()
         for f in factors[1:]:

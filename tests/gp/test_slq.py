@@ -83,3 +83,14 @@ def test_indefinite_factor_on_the_full_grid_is_named():
     K = torch.diag(torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"factors\[0\] is not positive semi-definite \(smallest eigenvalue -0.5"):
         incomplete_grid_logdet([K, torch.eye(4, dtype=torch.float64)], torch.full((12,), 0.1, dtype=torch.float64).add_(torch.arange(12) * 0.01))
+
+
+def test_inverse_square_root_of_the_grid():
+    factors = _factors((4, 5))
+    grid = KroneckerGrid(factors, 0.07)
+    v = torch.randn(20, 3, dtype=torch.float64)
+    A = R.kron(factors) + 0.07 * torch.eye(20, dtype=torch.float64)
+    lam, Q = torch.linalg.eigh(A)
+    torch.testing.assert_close(grid.inv_sqrt_mv(v), Q @ (lam.rsqrt()[:, None] * (Q.T @ v)))
+    with pytest.raises(ValueError, match="inv_sqrt_mv: the symmetric root needs D = I"):
+        KroneckerGrid(factors, 0.07, [torch.ones(4, dtype=torch.float64), torch.ones(5, dtype=torch.float64)]).inv_sqrt_mv(v)
