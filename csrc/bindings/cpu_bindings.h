@@ -18,5 +18,6 @@ T* at(Address address) {
 void register_moe(pybind11::module_& m);
 void register_ssm(pybind11::module_& m);
 void register_quant(pybind11::module_& m);
+void register_gp(pybind11::module_& m);
 
 }  // namespace pyfast::bindings

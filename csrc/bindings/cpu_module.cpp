@@ -12,4 +12,5 @@ PYBIND11_MODULE(_C, m) {
   pyfast::bindings::register_moe(m);
   pyfast::bindings::register_ssm(m);
   pyfast::bindings::register_quant(m);
+  pyfast::bindings::register_gp(m);
 }

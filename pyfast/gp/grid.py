@@ -21,6 +21,7 @@ and ``d/dnoise``, ``d/dd_d`` likewise (``P_e^T K_e P_e = diag(lam_e)``, ``P_e^T 
 """
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
@@ -28,9 +29,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .. import _ext
+from .._backend import backend_for, register_op
 from .._checks import check_tensor, value_checks_enabled
 from .._linalg import eigh_threads
 from . import _modes, ops, reference
+
+# Scaling by L^p and sum log L with L = noise + lam_1 (x) ... (x) lam_D computed on the fly
+# (csrc/cpu/gp, triton_kernels/gp/spectrum.py); elsewhere L is materialized once per grid.
+register_op("gp.eigen_scale", cpu=(torch.float32, torch.float64), triton=(torch.float32, torch.float64))
 
 # Factors up to this size are decomposed on the CPU even when the data lives on CUDA: torch's GPU
 # eigh is slow for small matrices (a 32 x 32 CUDA eigh was measured at 19 ms vs 41 us on a CPU).
@@ -46,6 +53,26 @@ def _eigh64(K: Tensor) -> Tuple[Tensor, Tensor]:
     with eigh_threads(work):
         lam, Q = torch.linalg.eigh(work)
     return lam.to(K.device), Q.to(K.device)
+
+
+def _spectrum_backend(t: Tensor) -> str:
+    """``cpu`` / ``triton`` when a kernel scales by L and sums log L on the fly for ``t``'s device
+    and dtype, else ``torch`` (L materialized once per grid)."""
+    backend = backend_for("gp.eigen_scale", t).backend
+    return "torch" if backend == "reference" else backend
+
+
+def _triton():
+    return importlib.import_module("pyfast.triton_kernels.gp")
+
+
+def _spectrum_range(extremes: Sequence[Tuple[float, float]], noise: float) -> Tuple[float, float]:
+    """``(min L, max L)`` from each factor's (smallest, largest) eigenvalue: ``L - noise`` is
+    multilinear in the factor eigenvalues, so its extremes are products of factor extremes."""
+    products = [1.0]
+    for low, high in extremes:
+        products = [p * e for p in products for e in (low, high)]
+    return min(products) + noise, max(products) + noise
 
 
 def _outer_all(vectors: Sequence[Tensor]) -> Tensor:
@@ -187,6 +214,7 @@ class KroneckerGrid:
     def _factor(self) -> None:
         lams, Ps = [], []
         self._singular: List[str] = []
+        self._extremes: List[Tuple[float, float]] = []
         for d, K in enumerate(self.factors):
             K64 = K.detach().to(torch.float64)
             if value_checks_enabled():
@@ -205,28 +233,24 @@ class KroneckerGrid:
             lams.append(lam)
             Ps.append(P)
         self._lams = lams
-        self._lam_all = _outer_all(lams)
-        L = self._lam_all + self._noise_value
-        if value_checks_enabled() and L.numel() and not bool((L > 0).all()):
+        low, high = _spectrum_range(self._extremes, self._noise_value)
+        if value_checks_enabled() and not low > 0:
             raise ValueError(
-                f"KroneckerGrid: K + noise * D is not positive definite (smallest eigenvalue {float(L.min()):.3g}); "
+                f"KroneckerGrid: K + noise * D is not positive definite (smallest eigenvalue {low:.3g}); "
                 f"a factor is indefinite beyond rounding; pass a larger noise or jitter (now {self.jitter:g})"
             )
-        self._warn_if_ill_conditioned(L)
-        self._inv_L = 1.0 / L
-        self._log_L = torch.log(L)
+        self._warn_if_ill_conditioned(high / low)
         # Row-major copies of P and P^T (eigh returns column-major Q; GEMM views want row-major).
         self._P = [P.to(self.dtype).contiguous() for P in Ps]
         self._Pt = [P.t().contiguous() for P in self._P]
-        self._inv_L_work = self._inv_L.to(self.dtype)
-        self._inv_sqrt_L: Optional[Tensor] = None  # L^{-1/2}, made by the first inv_sqrt_mv
+        # The N eigenvalues L are materialized only where no kernel computes them on the fly.
+        self._L: Optional[Tensor] = None
 
     def _check_spectrum(self, d: int, lam: Tensor) -> None:
         """No clamping: an indefinite factor (beyond rounding) is an error."""
-        if lam.numel() == 0:
-            return
-        top = float(lam.abs().max())
-        low = float(lam.min())
+        low, high = float(lam[0]), float(lam[-1])  # eigh sorts ascending
+        self._extremes.append((low, high))
+        top = max(abs(low), abs(high))
         # Rounding of the factor's own entries moves eigenvalues by about n * eps * |K|.
         tol = lam.numel() * torch.finfo(self.dtype).eps * max(top, 1e-300)
         if low < -tol:
@@ -237,12 +261,11 @@ class KroneckerGrid:
         if low <= tol:
             self._singular.append(f"factors[{d}] (smallest eigenvalue {low:.3g}, largest {top:.3g})")
 
-    def _warn_if_ill_conditioned(self, L: Tensor) -> None:
+    def _warn_if_ill_conditioned(self, cond: float) -> None:
         """A numerically singular factor matters only when noise * D does not regularize it: warn
         when cond(A) exceeds 1 / sqrt(eps) (more than half the digits lost), naming the jitter."""
-        if not self._singular or not L.numel():
+        if not self._singular:
             return
-        cond = float(L.max() / L.min())
         if cond > torch.finfo(self.dtype).eps ** -0.5:
             warnings.warn(
                 f"KroneckerGrid: numerically singular {', '.join(self._singular)} and cond(K + noise * D) = "
@@ -259,10 +282,34 @@ class KroneckerGrid:
         vecs = [torch.ones_like(l) if e == d else l for e, l in enumerate(self._lams)]
         return _outer_all(vecs)
 
+    @property
+    def _eigenvalues(self) -> Tensor:
+        """``L (N,)`` float64, materialized on first use (the backward and non-CPU devices)."""
+        if self._L is None:
+            self._L = _outer_all(self._lams) + self._noise_value
+        return self._L
+
+    @property
+    def _inv_L(self) -> Tensor:
+        return 1.0 / self._eigenvalues
+
+    def _scale(self, z: Tensor, power: float) -> Tensor:
+        """``z *= L^power`` in place (``z (N, B)``, a fresh tensor), power -1 or -1/2."""
+        backend = _spectrum_backend(z) if z.is_contiguous() else "torch"
+        if backend == "cpu":
+            _ext.cpu.gp_scale_by_spectrum(_ext.DTYPE_TAG[z.dtype], z.data_ptr(), z.shape[1], *self._spectrum_args(), power)
+            return z
+        if backend == "triton":
+            return _triton().scale_by_spectrum(z, self._lams, self._noise_value, power)
+        return z.mul_(self._eigenvalues.pow(power).to(z.dtype)[:, None])
+
+    def _spectrum_args(self) -> Tuple[List[int], List[int], float]:
+        return [l.data_ptr() for l in self._lams], list(self.sizes), self._noise_value
+
     def _beta(self, y: Tensor) -> Tensor:
         """``L^{-1} P^T y`` for ``y (N, B)``."""
         z = _modes.kron_apply(self._Pt, y, self.sizes, y.shape[1], apply=self._apply)
-        return z.mul_(self._inv_L_work[:, None])  # z is a fresh tensor
+        return self._scale(z, -1.0)
 
     def inv_sqrt_mv(self, v: Tensor) -> Tensor:
         """``A^{-1/2} v = P diag(L^{-1/2}) P^T v`` for ``v (N, B)``, the symmetric inverse square root
@@ -270,18 +317,22 @@ class KroneckerGrid:
         if self.diagonals is not None:
             raise ValueError("KroneckerGrid.inv_sqrt_mv: the symmetric root needs D = I (no diagonals)")
         z = _modes.kron_apply(self._Pt, v, self.sizes, v.shape[1], apply=self._apply)
-        if self._inv_sqrt_L is None:
-            self._inv_sqrt_L = self._inv_L.sqrt().to(self.dtype)[:, None]
-        z = z.mul_(self._inv_sqrt_L)
+        z = self._scale(z, -0.5)
         return _modes.kron_apply(self._P, z, self.sizes, v.shape[1], apply=self._apply)
 
     def _from_eigenbasis(self, beta: Tensor) -> Tensor:
         return _modes.kron_apply(self._P, beta, self.sizes, beta.shape[1], apply=self._apply)
 
     def _logdet_value(self) -> Tensor:
-        ld = self._log_L.sum()
+        backend = _spectrum_backend(self._P[0])
+        if backend == "cpu":
+            ld = torch.tensor(_ext.cpu.gp_log_spectrum_sum(*self._spectrum_args()), dtype=torch.float64)
+        elif backend == "triton":
+            ld = _triton().log_spectrum_sum(self._lams, self._noise_value)
+        else:
+            ld = torch.log(self._eigenvalues).sum()
         if self.diagonals is not None:
-            N = len(self._log_L)
+            N = self.num_points
             for d, v in zip(self.sizes, self.diagonals):
                 ld = ld + (N // d) * torch.log(v.detach().to(torch.float64)).sum()
         return ld.to(self.dtype)
