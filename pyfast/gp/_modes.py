@@ -1,12 +1,13 @@
-"""Mode products on a row-major grid vector with torch's GEMMs, copying only where it pays.
+"""Mode products on a row-major grid vector with torch's GEMMs, without permute copies.
 
 A grid vector ``x`` of shape ``(n_1 * ... * n_D, B)`` viewed as ``(A, n_d, C)`` with
 ``A = n_1 ... n_{d-1}`` and ``C = n_{d+1} ... n_D * B`` is a batch of ``A`` matrices; applying
 ``M (m, n_d)`` along mode ``d`` is the batched GEMM ``M @ x[a]`` into a fresh ``(A, m, C)`` tensor,
 which is again row-major in the new grid. The first mode (``A = 1``) and a last mode without
-batch columns (``C = 1``) are single GEMMs. A middle mode with few trailing columns (``C`` below
-`BATCHED_MIN_COLS`) is many small GEMMs, which BLAS runs slowly; there one GEMM on a mode-major
-copy, ``(n_d, A C)``, and one copy back are faster (64^3 grid, 2 CPU threads: 0.7 vs 0.95 ms).
+batch columns (``C = 1``) are single GEMMs; a middle mode is one batched GEMM. A mode-major copy
+``(n_d, A C)`` would turn a middle mode into one GEMM (64^3 grid, 2 CPU threads, in isolation:
+0.7 vs 0.95 ms), but its two extra grid-sized buffers cost more than that inside a solve, where
+fresh buffers are page-faulted in again and again (about 1000 faults per 64^3 solve).
 This is the CPU path of `pyfast.gp.kron_mv`: it runs at BLAS GEMM speed, so a hand-written C++
 mode-product kernel had nothing to win.
 """
@@ -18,10 +19,6 @@ from typing import Callable, List, Sequence
 from torch import Tensor
 
 ApplyMode = Callable[[Tensor, Tensor, Sequence[int], int, int], Tensor]
-
-# Measured crossover of the batched GEMM and the copy + single GEMM (2-core CPU, float64):
-# the copy wins at C = 8..64 and loses at C >= 512.
-BATCHED_MIN_COLS = 256
 
 
 def apply_mode(matrix: Tensor, x: Tensor, grid: Sequence[int], mode: int, cols: int) -> Tensor:
@@ -35,9 +32,6 @@ def apply_mode(matrix: Tensor, x: Tensor, grid: Sequence[int], mode: int, cols: 
         out = x.reshape(a, n) @ matrix.transpose(0, 1)
     elif a == 1:
         out = matrix @ x.reshape(n, c)
-    elif c < BATCHED_MIN_COLS:
-        mode_major = x.reshape(a, n, c).transpose(0, 1).reshape(n, a * c)
-        out = (matrix @ mode_major).reshape(m, a, c).transpose(0, 1)
     else:
         out = matrix @ x.reshape(a, n, c)
     return out.reshape(a * m * math.prod(grid[mode + 1:]), cols)
