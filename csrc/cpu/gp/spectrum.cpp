@@ -3,6 +3,7 @@
 // row of the (N / n_D, n_D) view, and the last mode's eigenvalues are swept along the row.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -34,12 +35,20 @@ void scale_rows(T* z, std::int64_t cols, const KronSpectrum& s, double power) {
   const std::int64_t n = s.sizes[s.D - 1];
   const bool root = power == -0.5;
   parallel_for(static_cast<std::int64_t>(lead.size()), 1, [&](std::int64_t r0, std::int64_t r1) {
+    std::vector<double> scale(n);  // one row's L^power, in loops the compiler vectorizes
     for (std::int64_t r = r0; r < r1; ++r) {
+      for (std::int64_t j = 0; j < n; ++j) scale[j] = lead[r] * last[j] + s.noise;
+      if (root) {
+        for (std::int64_t j = 0; j < n; ++j) scale[j] = 1.0 / std::sqrt(scale[j]);
+      } else {
+        for (std::int64_t j = 0; j < n; ++j) scale[j] = 1.0 / scale[j];
+      }
       T* row = z + r * n * cols;
-      for (std::int64_t j = 0; j < n; ++j) {
-        const double L = lead[r] * last[j] + s.noise;
-        const T scale = static_cast<T>(root ? 1.0 / std::sqrt(L) : 1.0 / L);
-        for (std::int64_t b = 0; b < cols; ++b) row[j * cols + b] *= scale;
+      if (cols == 1) {
+        for (std::int64_t j = 0; j < n; ++j) row[j] *= static_cast<T>(scale[j]);
+      } else {
+        for (std::int64_t j = 0; j < n; ++j)
+          for (std::int64_t b = 0; b < cols; ++b) row[j * cols + b] *= static_cast<T>(scale[j]);
       }
     }
   });
@@ -76,43 +85,78 @@ void gp_scale_by_spectrum(int dtype, void* z, std::int64_t cols, const KronSpect
   throw std::invalid_argument("gp_scale_by_spectrum: z must be float32 or float64");
 }
 
-// sum log L without a log per element: products of `block` consecutive L (|log2| of each at most
-// `max_abs_log2`, so a block stays inside the float64 exponent range) are renormalized by frexp,
-// and one log per row adds the mantissas; 4 independent products keep the multiplier busy.
-// Eigenvalues beyond 2^+-480 (never met by a sane kernel) take one log each.
+// v = m 2^e with m in [0.5, 1): sets v = m, returns e (frexp for a positive normal v, inline).
+inline std::int64_t split_exponent(double& v) {
+  std::uint64_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const std::int64_t e = static_cast<std::int64_t>((bits >> 52) & 0x7ff) - 1022;
+  bits = (bits & ~(std::uint64_t{0x7ff} << 52)) | (std::uint64_t{1022} << 52);
+  std::memcpy(&v, &bits, sizeof(v));
+  return e;
+}
+
+// log of a running product of positive factors: four interleaved products, each renormalized to
+// [0.5, 1) (exponents summed apart) after every `block` pushes, and only four logs at the end.
+class LogProduct {
+ public:
+  explicit LogProduct(int block) : block_(block) {}
+
+  void push4(const double* v) {
+    for (int q = 0; q < 4; ++q) m_[q] *= v[q];
+    count();
+  }
+  void push1(double v) {
+    m_[0] *= v;
+    count();
+  }
+  double log() const {
+    double sum = static_cast<double>(exponent_) * M_LN2;
+    for (double v : m_) sum += std::log(v);
+    return sum;
+  }
+
+ private:
+  void count() {
+    if (++since_ < block_) return;
+    for (double& v : m_) exponent_ += split_exponent(v);
+    since_ = 0;
+  }
+  double m_[4] = {1.0, 1.0, 1.0, 1.0};
+  std::int64_t exponent_ = 0;
+  int since_ = 0;
+  int block_;
+};
+
+// sum log L without a log per element: with |log2 L| <= max_abs_log2 (= W), a product of
+// block = 960 / W factors times a mantissa stays inside the float64 exponent range. Fixed chunks
+// of rows keep the sum independent of the thread count. Spectra beyond 2^+-480 (never met by a
+// sane kernel) take one log per element.
 double gp_log_spectrum_sum(const KronSpectrum& s) {
   const std::vector<double> lead = leading_products(s);
   const double* last = s.lams[s.D - 1];
   const std::int64_t n = s.sizes[s.D - 1];
-  const int block = static_cast<int>(std::min(960.0 / max_abs_log2(s), 8.0));
+  const int block = static_cast<int>(std::min(960.0 / max_abs_log2(s), 1024.0));
   const std::int64_t rows = static_cast<std::int64_t>(lead.size());
-  std::vector<double> row_sums(rows);
-  parallel_for(rows, 1, [&](std::int64_t r0, std::int64_t r1) {
+  constexpr std::int64_t kChunkRows = 64;
+  std::vector<double> chunk_sums((rows + kChunkRows - 1) / kChunkRows);
+  parallel_chunks(rows, kChunkRows, [&](std::int64_t c, std::int64_t r0, std::int64_t r1) {
+    std::vector<double> L(n);
+    LogProduct product(block);
+    double direct = 0.0;
     for (std::int64_t r = r0; r < r1; ++r) {
-      const double p = lead[r];
-      double m[4] = {1.0, 1.0, 1.0, 1.0};
-      std::int64_t exponent = 0;
-      int since = 0;
-      std::int64_t j = 0;
-      for (; block >= 2 && j + 4 <= n; j += 4) {
-        for (int q = 0; q < 4; ++q) m[q] *= p * last[j + q] + s.noise;
-        if (++since == block) {
-          for (double& v : m) {
-            int e;
-            v = std::frexp(v, &e);
-            exponent += e;
-          }
-          since = 0;
-        }
+      for (std::int64_t j = 0; j < n; ++j) L[j] = lead[r] * last[j] + s.noise;
+      if (block < 2) {
+        for (double v : L) direct += std::log(v);
+        continue;
       }
-      double sum = 0.0;
-      for (; j < n; ++j) sum += std::log(p * last[j] + s.noise);
-      for (double v : m) sum += std::log(v);
-      row_sums[r] = sum + static_cast<double>(exponent) * M_LN2;
+      std::int64_t j = 0;
+      for (; j + 4 <= n; j += 4) product.push4(&L[j]);
+      for (; j < n; ++j) product.push1(L[j]);
     }
+    chunk_sums[c] = direct + product.log();
   });
   double total = 0.0;
-  for (double v : row_sums) total += v;
+  for (double v : chunk_sums) total += v;
   return total;
 }
 
