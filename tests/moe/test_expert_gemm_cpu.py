@@ -1,6 +1,7 @@
 """The CPU grouped expert GEMM (csrc/cpu/moe/expert_gemm.cpp) at the edges of its tiling: segments
 of 1, 8, 9, 15, 16, 17 and prime rows and empty experts (16-row panels, 8-row tail tile), output
-widths around and below the 6-column tile and across 96-column work items, K = 1 and odd K,
+widths around and below the 6- and 16-column tiles and across 96-column work items, K = 0, 1,
+odd K and K over one 256-deep chunk,
 padded routing, strided inputs, both weight layouts, 16-bit storage; through `grouped_mm` and
 `moe_mlp`, forward and backward, against the float64 reference."""
 import os
@@ -50,7 +51,7 @@ def test_grouped_mm_tile_edges(dtype, align, trans_w, gemm_path):
     routing = pyfast.moe.route(experts, E, align=align)
     ref_routing = reference.route(experts, E, align=align)
     rows = routing.assignment_of_row.shape[0]
-    for n, k in [(1, 1), (5, 7), (6, 33), (13, 16), (100, 3), (197, 12)]:
+    for n, k in [(1, 1), (5, 7), (6, 33), (13, 16), (100, 3), (197, 12), (4, 0), (17, 300)]:
         a = _random(rows, k, dtype=dtype)
         w = _random(E, k, n, dtype=dtype) if trans_w else _random(E, n, k, dtype=dtype)
         out = torch.ops.pyfast.moe_grouped_mm(a, w, routing.counts, routing.offsets, trans_w, "cpu")

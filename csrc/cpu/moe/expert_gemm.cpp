@@ -4,13 +4,17 @@
 // with A_r = a[r], or the token row x[assignment_of_row[r] / k] (zero for assignment < 0) when the
 // gather is fused. Rows outside every segment are zeroed.
 //
-// Blocking (BLIS-style, float32 compute): a tile is 6 weight rows x 16 token rows held in 12
-// AVX2 accumulators. Per k, two 8-lane loads of the packed tokens Xp[k][0..16) and six broadcasts
-// of W_e(n + i, k) feed 12 FMAs, so the loop runs at the FMA rate. Each thread packs the rows of
-// an expert once (k-major panels of 16 rows, converted to float32, zero-padded) and reuses them for
-// every block of n it takes of that expert; a last panel of at most 8 rows runs a 6 x 8 tile.
-// float32 weights with unit k-stride are read in place; other weights (16-bit, transposed) are
-// packed per work item into strips Wp[k][6].
+// Blocking (BLIS-style, float32 compute): a tile is 6 broadcast rows x 16 vector columns held in
+// 12 AVX2 accumulators; per k, two 8-lane loads and six broadcasts feed 12 FMAs, so the loop runs
+// at the FMA rate. Work items are (expert, 96 output columns), scheduled dynamically; each thread
+// packs (converts to float32, zero-pads) the rows of an expert once and reuses them for every
+// item it takes of that expert. Two orientations:
+// - weights with unit k-stride (nn.Linear layout, the forward): the 6 broadcast rows are weight
+//   rows, read in place (float32) or packed per item into strips [k][6]; the 16 columns are token
+//   rows packed k-major [k][16] (a segment's last <= 8 rows run an 8-column tile);
+// - other weights (unit n-stride: the input gradients): the 6 broadcast rows are token rows packed
+//   [k][6]; the 16 columns are output columns, the item's weight columns packed per 256 k into
+//   panels [k][16], partial sums kept in a float32 buffer across the k chunks.
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
@@ -32,11 +36,13 @@ bool moe_expert_gemm_available() { return has_avx2(); }
 #ifdef PYFAST_X86
 namespace {
 
-constexpr int kTileRows = 16;  // token rows per tile: two 8-lane vectors
-constexpr int kTileCols = 6;   // weight rows (output columns) per tile: broadcasts
-// Output columns per work item: enough items for dynamic scheduling to balance a few large
-// experts, few enough that the packed rows are reused many times.
-constexpr std::int64_t kBlockCols = 16 * kTileCols;
+constexpr int kTileRows6 = 6;     // broadcast rows per tile
+constexpr int kTileCols16 = 16;   // vector columns per tile: two 8-lane vectors
+// Output columns per work item (a multiple of 6 and 16): enough items for dynamic scheduling to
+// balance a few large experts, few enough that the packed rows are reused many times.
+constexpr std::int64_t kBlockCols = 96;
+// Depth per pass when tokens are broadcast (the item's packed weights: 96 KiB).
+constexpr std::int64_t kDepthChunk = 256;
 
 struct GroupedGemm {
   const void* a;
@@ -52,39 +58,45 @@ struct GroupedGemm {
   std::int64_t out_stride;
 };
 
-// acc[i][t] = sum_k W(i, k) * Xp[k][t] for t < 8 * Vecs and i < 6, with W(i, k) = w[i * rs + k * ks]
-// for i < cols; rows past `cols` repeat the last valid one (computed, never stored). Vecs = 2 is the
-// main tile (Xp[k][16]); Vecs = 1 (Xp[k][8]) halves the padding of a segment's last rows.
+// acc[i][t] (+)= sum_k B(i, k) * P[k][t] for i < 6, t < 8 * Vecs, with B(i, k) = b[i * rs + k * ks]
+// for i < nb (rows past nb repeat the last one: computed, never stored) and P[k] at p + k * ps;
+// `accumulate` adds to acc instead of overwriting it.
 template <int Vecs>
-PYFAST_AVX2 void tile(const float* w, std::int64_t rs, std::int64_t cols, std::int64_t ks, const float* xp,
-                      std::int64_t depth, float* acc) {
+PYFAST_AVX2 void tile(const float* b, std::int64_t rs, std::int64_t nb, std::int64_t ks, const float* p,
+                      std::int64_t ps, std::int64_t depth, bool accumulate, float* acc) {
   static_assert(Vecs == 1 || Vecs == 2);
   // Named accumulators: an array of __m256 makes GCC keep them in memory across iterations.
   __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const auto row = [&](std::int64_t i) { return w + std::min(i, cols - 1) * rs; };
-  const float *w0 = row(0), *w1 = row(1), *w2 = row(2), *w3 = row(3), *w4 = row(4), *w5 = row(5);
+  if (accumulate) {
+    c00 = _mm256_loadu_ps(acc + 0), c01 = _mm256_loadu_ps(acc + 8), c10 = _mm256_loadu_ps(acc + 16);
+    c11 = _mm256_loadu_ps(acc + 24), c20 = _mm256_loadu_ps(acc + 32), c21 = _mm256_loadu_ps(acc + 40);
+    c30 = _mm256_loadu_ps(acc + 48), c31 = _mm256_loadu_ps(acc + 56), c40 = _mm256_loadu_ps(acc + 64);
+    c41 = _mm256_loadu_ps(acc + 72), c50 = _mm256_loadu_ps(acc + 80), c51 = _mm256_loadu_ps(acc + 88);
+  }
+  const auto row = [&](std::int64_t i) { return b + std::min(i, nb - 1) * rs; };
+  const float *b0 = row(0), *b1 = row(1), *b2 = row(2), *b3 = row(3), *b4 = row(4), *b5 = row(5);
   std::int64_t at = 0;
-  for (std::int64_t kk = 0; kk < depth; ++kk, at += ks, xp += 8 * Vecs) {
-    const __m256 b0 = _mm256_loadu_ps(xp), b1 = Vecs == 2 ? _mm256_loadu_ps(xp + 8) : b0;
-    __m256 v = _mm256_broadcast_ss(w0 + at);
-    c00 = _mm256_fmadd_ps(v, b0, c00);
-    if constexpr (Vecs == 2) c01 = _mm256_fmadd_ps(v, b1, c01);
-    v = _mm256_broadcast_ss(w1 + at);
-    c10 = _mm256_fmadd_ps(v, b0, c10);
-    if constexpr (Vecs == 2) c11 = _mm256_fmadd_ps(v, b1, c11);
-    v = _mm256_broadcast_ss(w2 + at);
-    c20 = _mm256_fmadd_ps(v, b0, c20);
-    if constexpr (Vecs == 2) c21 = _mm256_fmadd_ps(v, b1, c21);
-    v = _mm256_broadcast_ss(w3 + at);
-    c30 = _mm256_fmadd_ps(v, b0, c30);
-    if constexpr (Vecs == 2) c31 = _mm256_fmadd_ps(v, b1, c31);
-    v = _mm256_broadcast_ss(w4 + at);
-    c40 = _mm256_fmadd_ps(v, b0, c40);
-    if constexpr (Vecs == 2) c41 = _mm256_fmadd_ps(v, b1, c41);
-    v = _mm256_broadcast_ss(w5 + at);
-    c50 = _mm256_fmadd_ps(v, b0, c50);
-    if constexpr (Vecs == 2) c51 = _mm256_fmadd_ps(v, b1, c51);
+  for (std::int64_t kk = 0; kk < depth; ++kk, at += ks, p += ps) {
+    const __m256 p0 = _mm256_loadu_ps(p), p1 = Vecs == 2 ? _mm256_loadu_ps(p + 8) : p0;
+    __m256 v = _mm256_broadcast_ss(b0 + at);
+    c00 = _mm256_fmadd_ps(v, p0, c00);
+    if constexpr (Vecs == 2) c01 = _mm256_fmadd_ps(v, p1, c01);
+    v = _mm256_broadcast_ss(b1 + at);
+    c10 = _mm256_fmadd_ps(v, p0, c10);
+    if constexpr (Vecs == 2) c11 = _mm256_fmadd_ps(v, p1, c11);
+    v = _mm256_broadcast_ss(b2 + at);
+    c20 = _mm256_fmadd_ps(v, p0, c20);
+    if constexpr (Vecs == 2) c21 = _mm256_fmadd_ps(v, p1, c21);
+    v = _mm256_broadcast_ss(b3 + at);
+    c30 = _mm256_fmadd_ps(v, p0, c30);
+    if constexpr (Vecs == 2) c31 = _mm256_fmadd_ps(v, p1, c31);
+    v = _mm256_broadcast_ss(b4 + at);
+    c40 = _mm256_fmadd_ps(v, p0, c40);
+    if constexpr (Vecs == 2) c41 = _mm256_fmadd_ps(v, p1, c41);
+    v = _mm256_broadcast_ss(b5 + at);
+    c50 = _mm256_fmadd_ps(v, p0, c50);
+    if constexpr (Vecs == 2) c51 = _mm256_fmadd_ps(v, p1, c51);
   }
   _mm256_storeu_ps(acc + 0, c00), _mm256_storeu_ps(acc + 8, c01);
   _mm256_storeu_ps(acc + 16, c10), _mm256_storeu_ps(acc + 24, c11);
@@ -92,6 +104,24 @@ PYFAST_AVX2 void tile(const float* w, std::int64_t rs, std::int64_t cols, std::i
   _mm256_storeu_ps(acc + 48, c30), _mm256_storeu_ps(acc + 56, c31);
   _mm256_storeu_ps(acc + 64, c40), _mm256_storeu_ps(acc + 72, c41);
   _mm256_storeu_ps(acc + 80, c50), _mm256_storeu_ps(acc + 88, c51);
+}
+
+// The tile for `width` (8 or 16) vector columns.
+inline void tile_for(int width, const float* b, std::int64_t rs, std::int64_t nb, std::int64_t ks, const float* p,
+                     std::int64_t ps, std::int64_t depth, bool accumulate, float* acc) {
+  if (width == kTileCols16) {
+    tile<2>(b, rs, nb, ks, p, ps, depth, accumulate, acc);
+  } else {
+    tile<1>(b, rs, nb, ks, p, ps, depth, accumulate, acc);
+  }
+}
+
+// out[i * si + t * st] = acc[i][t] for i < ni, t < nt.
+template <typename T>
+void store_tile(const float* acc, T* out, std::int64_t si, std::int64_t st, std::int64_t ni, std::int64_t nt) {
+  for (std::int64_t i = 0; i < ni; ++i) {
+    for (std::int64_t t = 0; t < nt; ++t) out[i * si + t * st] = from_acc<T>(acc[i * kTileCols16 + t]);
+  }
 }
 
 // Source row of output row r, or null for a padding row (zero input).
@@ -103,19 +133,20 @@ const T* row_source(const GroupedGemm& g, std::int64_t r) {
   return assignment < 0 ? nullptr : a + (assignment / g.k) * g.a_stride;
 }
 
-// Width of the row panel starting at row r0 of a segment of `count` rows: 16, or 8 for a last
-// panel of at most 8 rows.
-inline int panel_width(std::int64_t r0, std::int64_t count) { return count - r0 <= 8 ? 8 : kTileRows; }
+// Vector width (8 or 16) of the column block starting at c0 of `count` columns: a last block of
+// at most 8 runs the 8-column tile.
+inline int block_width(std::int64_t c0, std::int64_t count) { return count - c0 <= 8 ? 8 : kTileCols16; }
 
-// Rows [first, first + count) as float32 panels xp[p][k][width] (p-th panel at p * depth * 16),
-// zero-padded to the panel width.
+// Rows [first, first + count) as float32 blocks of `step` rows (16, or 6), each k-major
+// [k][width] with width = block_width for 16-row blocks and 6 otherwise, zero-padded; block j at
+// j * depth * step.
 template <typename T>
-void pack_rows(const GroupedGemm& g, std::int64_t first, std::int64_t count, float* xp) {
-  for (std::int64_t r0 = 0; r0 < count; r0 += kTileRows, xp += g.depth * kTileRows) {
-    const int width = panel_width(r0, count);
+void pack_rows(const GroupedGemm& g, std::int64_t first, std::int64_t count, int step, float* out) {
+  for (std::int64_t r0 = 0; r0 < count; r0 += step, out += g.depth * step) {
+    const int width = step == kTileCols16 ? block_width(r0, count) : step;
     for (int t = 0; t < width; ++t) {
       const T* src = r0 + t < count ? row_source<T>(g, first + r0 + t) : nullptr;
-      float* dst = xp + t;
+      float* dst = out + t;
       if (src == nullptr) {
         for (std::int64_t kk = 0; kk < g.depth; ++kk) dst[kk * width] = 0.0f;
       } else {
@@ -125,29 +156,35 @@ void pack_rows(const GroupedGemm& g, std::int64_t first, std::int64_t count, flo
   }
 }
 
-// Weight rows [n0, n0 + cols) of expert e as float32 strips wp[s][k][6] (rows n0 + 6 s + i), the
-// last strip zero-padded. k outer: a transposed weight (unit n-stride) is read along its rows.
-template <typename T>
-void pack_weights(const GroupedGemm& g, std::int64_t e, std::int64_t n0, std::int64_t cols, float* wp) {
-  const T* w = static_cast<const T*>(g.w) + e * g.se + n0 * g.sn;
-  const std::int64_t strips = (cols + kTileCols - 1) / kTileCols;
-  for (std::int64_t kk = 0; kk < g.depth; ++kk) {
+// Columns [n0, n0 + cols) and depths [k0, k0 + kc) of W_e as float32 blocks of `step` columns
+// (6 or 16), each k-major [k][width] (width = step, or block_width for 16), zero-padded; block j
+// at j * kc * step. k outer, so weights with unit n-stride (UnitN) are read along their rows.
+template <typename T, bool UnitN>
+void pack_weights(const GroupedGemm& g, std::int64_t e, std::int64_t n0, std::int64_t cols, std::int64_t k0,
+                  std::int64_t kc, int step, float* out) {
+  const T* w = static_cast<const T*>(g.w) + e * g.se + n0 * g.sn + k0 * g.sk;
+  const std::int64_t sn = UnitN ? 1 : g.sn;
+  for (std::int64_t kk = 0; kk < kc; ++kk) {
     const T* src = w + kk * g.sk;
-    for (std::int64_t s = 0; s < strips; ++s) {
-      float* dst = wp + (s * g.depth + kk) * kTileCols;
-      for (int i = 0; i < kTileCols; ++i) {
-        const std::int64_t j = s * kTileCols + i;
-        dst[i] = j < cols ? to_acc(src[j * g.sn]) : 0.0f;
+    for (std::int64_t c0 = 0; c0 < cols; c0 += step) {
+      const int width = step == kTileCols16 ? block_width(c0, cols) : step;
+      float* dst = out + c0 * kc + kk * width;
+      if (c0 + width <= cols) {
+        for (int t = 0; t < width; ++t) dst[t] = to_acc(src[(c0 + t) * sn]);
+      } else {
+        for (int t = 0; t < width; ++t) dst[t] = c0 + t < cols ? to_acc(src[(c0 + t) * sn]) : 0.0f;
       }
     }
   }
 }
 
-// out[t][i] = acc[i][t] for the tile's valid rows and columns.
 template <typename T>
-void store_tile(const float* acc, T* out, std::int64_t stride, std::int64_t rows, std::int64_t cols) {
-  for (std::int64_t t = 0; t < rows; ++t) {
-    for (std::int64_t i = 0; i < cols; ++i) out[t * stride + i] = from_acc<T>(acc[i * kTileRows + t]);
+void pack_weight_blocks(const GroupedGemm& g, std::int64_t e, std::int64_t n0, std::int64_t cols, std::int64_t k0,
+                        std::int64_t kc, int step, float* out) {
+  if (g.sn == 1) {
+    pack_weights<T, true>(g, e, n0, cols, k0, kc, step, out);
+  } else {
+    pack_weights<T, false>(g, e, n0, cols, k0, kc, step, out);
   }
 }
 
@@ -172,10 +209,12 @@ void grouped_gemm(const GroupedGemm& g, std::int64_t experts, std::int64_t rows)
   advise_huge_pages(g.out, static_cast<std::size_t>(rows * g.out_stride) * sizeof(T));
   zero_gaps<T>(g, experts, rows);
   if (g.n == 0) return;
-  // float32 weights with contiguous k are broadcast in place; anything else is packed per tile.
-  const bool in_place = std::is_same_v<T, float> && g.sk == 1;
+  const bool broadcast_weights = g.sk == 1;
+  const bool weights_in_place = broadcast_weights && std::is_same_v<T, float>;
+  // Token rows are packed in blocks of the tile's vector columns or of its broadcast rows.
+  const int row_step = broadcast_weights ? kTileCols16 : kTileRows6;
   const std::int64_t blocks = (g.n + kBlockCols - 1) / kBlockCols;
-  std::vector<std::int64_t> item_expert;  // work item i: expert item_expert[i], block i - first[e]
+  std::vector<std::int64_t> item_expert;  // work item i: expert item_expert[i], block i - first_item[e]
   std::vector<std::int64_t> first_item(experts);
   std::int64_t max_count = 0;
   for (std::int64_t e = 0; e < experts; ++e) {
@@ -186,41 +225,63 @@ void grouped_gemm(const GroupedGemm& g, std::int64_t experts, std::int64_t rows)
   }
   const std::int64_t items = static_cast<std::int64_t>(item_expert.size());
   if (items == 0) return;
-  const std::int64_t panel_floats = g.depth * kTileRows;
-  const std::int64_t packed_floats = (max_count + kTileRows - 1) / kTileRows * panel_floats;
+  const std::int64_t packed_rows = (max_count + row_step - 1) / row_step * row_step;
   T* out = static_cast<T*>(g.out);
 
 PYFAST_OMP(omp parallel if (items > 1))
   {
-    std::vector<float> xp(static_cast<std::size_t>(packed_floats));
-    std::vector<float> wp(in_place ? 0 : static_cast<std::size_t>(g.depth * kBlockCols));
-    alignas(32) float acc[kTileCols * kTileRows];
+    std::vector<float> xp(static_cast<std::size_t>(packed_rows * g.depth));
+    std::vector<float> wp(weights_in_place ? 0 : static_cast<std::size_t>(kBlockCols * (broadcast_weights ? g.depth : kDepthChunk)));
+    std::vector<float> block_acc(broadcast_weights ? 0 : static_cast<std::size_t>(packed_rows * kBlockCols));
+    alignas(32) float acc[kTileRows6 * kTileCols16];
     std::int64_t packed_expert = -1;
 PYFAST_OMP(omp for schedule(dynamic, 1))
     for (std::int64_t item = 0; item < items; ++item) {
       const std::int64_t e = item_expert[item];
       const std::int64_t first = g.offsets[e], count = g.counts[e];
       if (e != packed_expert) {
-        pack_rows<T>(g, first, count, xp.data());
+        pack_rows<T>(g, first, count, row_step, xp.data());
         packed_expert = e;
       }
       const std::int64_t n_begin = (item - first_item[e]) * kBlockCols;
-      const std::int64_t n_end = std::min(g.n, n_begin + kBlockCols);
-      if (!in_place) pack_weights<T>(g, e, n_begin, n_end - n_begin, wp.data());
-      for (std::int64_t n0 = n_begin; n0 < n_end; n0 += kTileCols) {
-        const std::int64_t cols = std::min<std::int64_t>(kTileCols, n_end - n0);
-        const float* w = in_place ? static_cast<const float*>(g.w) + e * g.se + n0 * g.sn
-                                  : wp.data() + (n0 - n_begin) * g.depth;
-        const std::int64_t rs = in_place ? g.sn : 1, ks = in_place ? 1 : kTileCols;
-        for (std::int64_t r0 = 0; r0 < count; r0 += kTileRows) {
-          const float* panel = xp.data() + r0 / kTileRows * panel_floats;
-          if (panel_width(r0, count) == kTileRows) {
-            tile<2>(w, rs, cols, ks, panel, g.depth, acc);
-          } else {
-            tile<1>(w, rs, cols, ks, panel, g.depth, acc);
+      const std::int64_t cols = std::min(g.n, n_begin + kBlockCols) - n_begin;
+      T* block_out = out + first * g.out_stride + n_begin;
+      if (broadcast_weights) {
+        // Tile rows: 6 output columns (weight rows); tile columns: 16 tokens.
+        if (!weights_in_place) pack_weight_blocks<T>(g, e, n_begin, cols, 0, g.depth, kTileRows6, wp.data());
+        for (std::int64_t c0 = 0; c0 < cols; c0 += kTileRows6) {
+          const std::int64_t nc = std::min<std::int64_t>(kTileRows6, cols - c0);
+          const float* w = weights_in_place ? static_cast<const float*>(g.w) + e * g.se + (n_begin + c0) * g.sn
+                                            : wp.data() + c0 * g.depth;
+          const std::int64_t rs = weights_in_place ? g.sn : 1, ks = weights_in_place ? 1 : kTileRows6;
+          for (std::int64_t r0 = 0; r0 < count; r0 += kTileCols16) {
+            const int width = block_width(r0, count);
+            tile_for(width, w, rs, nc, ks, xp.data() + r0 * g.depth, width, g.depth, false, acc);
+            store_tile<T>(acc, block_out + r0 * g.out_stride + c0, 1, g.out_stride, nc,
+                          std::min<std::int64_t>(kTileCols16, count - r0));
           }
-          store_tile<T>(acc, out + (first + r0) * g.out_stride + n0, g.out_stride,
-                        std::min<std::int64_t>(kTileRows, count - r0), cols);
+        }
+        continue;
+      }
+      // Tile rows: 6 tokens; tile columns: 16 output columns. Depth in chunks of kDepthChunk: the
+      // item's weight columns are packed per chunk (reading kBlockCols contiguous values of each
+      // weight row) and the partial sums of its tiles accumulate in block_acc.
+      for (std::int64_t k0 = 0; k0 < std::max<std::int64_t>(g.depth, 1); k0 += kDepthChunk) {  // once if depth 0
+        const std::int64_t kc = std::min(kDepthChunk, g.depth - k0);
+        pack_weight_blocks<T>(g, e, n_begin, cols, k0, kc, kTileCols16, wp.data());
+        for (std::int64_t c0 = 0; c0 < cols; c0 += kTileCols16) {
+          const int width = block_width(c0, cols);
+          for (std::int64_t r0 = 0; r0 < count; r0 += kTileRows6) {
+            tile_for(width, xp.data() + r0 * g.depth + k0 * kTileRows6, 1, kTileRows6, kTileRows6, wp.data() + c0 * kc,
+                     width, kc, k0 > 0, block_acc.data() + (c0 * packed_rows + r0 * kTileCols16));
+          }
+        }
+      }
+      for (std::int64_t c0 = 0; c0 < cols; c0 += kTileCols16) {
+        for (std::int64_t r0 = 0; r0 < count; r0 += kTileRows6) {
+          store_tile<T>(block_acc.data() + (c0 * packed_rows + r0 * kTileCols16), block_out + r0 * g.out_stride + c0,
+                        g.out_stride, 1, std::min<std::int64_t>(kTileRows6, count - r0),
+                        std::min<std::int64_t>(kTileCols16, cols - c0));
         }
       }
     }
