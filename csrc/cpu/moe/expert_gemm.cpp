@@ -43,6 +43,8 @@ constexpr int kTileCols16 = 16;   // vector columns per tile: two 8-lane vectors
 constexpr std::int64_t kBlockCols = 96;
 // Depth per pass when tokens are broadcast (the item's packed weights: 96 KiB).
 constexpr std::int64_t kDepthChunk = 256;
+// Weight rows read ahead while packing rows of a transposed weight.
+constexpr std::int64_t kPrefetchRows = 16;
 
 struct GroupedGemm {
   const void* a;
@@ -166,6 +168,11 @@ void pack_weights(const GroupedGemm& g, std::int64_t e, std::int64_t n0, std::in
   const std::int64_t sn = UnitN ? 1 : g.sn;
   for (std::int64_t kk = 0; kk < kc; ++kk) {
     const T* src = w + kk * g.sk;
+    if constexpr (UnitN) {
+      // Each weight row is a separate stream that the hardware prefetchers do not follow (rows
+      // are pages apart): ask for the row kPrefetchRows ahead (prefetches never fault).
+      for (std::int64_t c = 0; c < cols; c += 64 / sizeof(T)) __builtin_prefetch(src + kPrefetchRows * g.sk + c);
+    }
     for (std::int64_t c0 = 0; c0 < cols; c0 += step) {
       const int width = step == kTileCols16 ? block_width(c0, cols) : step;
       float* dst = out + c0 * kc + kk * width;
