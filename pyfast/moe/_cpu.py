@@ -195,12 +195,22 @@ def grouped_mm(a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: b
     return _expert_gemm(a, w, counts, offsets, trans_w)
 
 
+def _expert_grads(shape: Tuple[int, ...], dtype: torch.dtype, segments: List[Tuple[int, int, int]]) -> Tensor:
+    """Per-expert weight gradients to be written expert by expert: zero for the experts without
+    rows (no zero-fill pass over the others)."""
+    dw = _alloc.empty(shape, dtype, "cpu")
+    for e in sorted(set(range(shape[0])) - {e for e, _, _ in segments}):
+        dw[e].zero_()
+    return dw
+
+
 def grouped_mm_wgrad(grad: Tensor, a: Tensor, counts: Tensor, offsets: Tensor, num_experts: int, trans_w: bool) -> Tensor:
     """Weight gradient of `grouped_mm`: ``grad_e.T @ a_e`` ``(E, N, K)``, or ``a_e.T @ grad_e``
     ``(E, K, N)`` when ``trans_w``; zero for empty experts. In ``a.dtype``."""
     shape = (num_experts, a.shape[1], grad.shape[1]) if trans_w else (num_experts, grad.shape[1], a.shape[1])
-    dw = torch.zeros(shape, dtype=a.dtype, device=a.device)
-    for e, start, end in _segments(counts, offsets):
+    segments = _segments(counts, offsets)
+    dw = _expert_grads(shape, a.dtype, segments)
+    for e, start, end in segments:
         g, x = _acc(grad[start:end]), _acc(a[start:end])
         if trans_w:
             _mm_into(dw[e], x.T, g)
@@ -248,9 +258,9 @@ def moe_mlp_bwd(
     g_sorted = gather_rows(grad_out, assignment_of_row, k, None)
     x_sorted = gather_rows(x, assignment_of_row, k, None)
     aw = a * gate
-    dw1 = torch.zeros(w1.shape, dtype=w1.dtype)
-    dw2 = torch.zeros(w2.shape, dtype=w2.dtype)
-    for e, start, end in _segments(counts, offsets):
+    segments = _segments(counts, offsets)
+    dw1, dw2 = _expert_grads(w1.shape, w1.dtype, segments), _expert_grads(w2.shape, w2.dtype, segments)
+    for e, start, end in segments:
         _mm_into(dw2[e], _acc(g_sorted[start:end]).T, aw[start:end])
         _mm_into(dw1[e], dh[start:end].T, _acc(x_sorted[start:end]))
     dweights = torch.zeros(tokens * k, dtype=acc).index_put_((assignment_of_row[valid],), dgate[valid])
