@@ -1,5 +1,6 @@
 // pyfast._C bindings of the MoE kernels (csrc/cpu/moe).
 #include "bindings/cpu_bindings.h"
+#include "common/memory.h"
 #include "cpu/moe/moe.h"
 
 namespace py = pybind11;
@@ -55,6 +56,8 @@ void register_moe(py::module_& m) {
                                         at<void>(grad_weights));
         });
   m.def("moe_expert_gemm_available", &cpu::moe_expert_gemm_available);
+  // Huge-page advice for a large fresh output that torch code fills (the expert weight gradients).
+  m.def("moe_advise_huge_pages", [](Address data, std::size_t bytes) { advise_huge_pages(at<void>(data), bytes); });
   m.def("moe_expert_gemm",
         [](int dtype, Address a, std::int64_t a_stride, Address assignment_of_row, int k, Address w,
            std::int64_t w_expert_stride, std::int64_t w_n_stride, std::int64_t w_k_stride, std::int64_t n,
