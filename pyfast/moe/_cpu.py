@@ -3,9 +3,10 @@
 Implements the kernel-backend contract that `ops.py` / `experts.py` dispatch to, except the aux losses
 (on the CPU torch's vectorized softmax beat a C++ kernel, so they run the reference). The expert
 GEMMs that produce rows are the C++ grouped GEMM (float32/16-bit on AVX2 CPUs; torch's BLAS per
-expert otherwise), the expert weight gradients torch's BLAS per expert, the activations torch. Each
-function allocates the outputs and passes addresses, sizes, row strides and dtype tags. Inputs arrive validated, with a
-unit stride along the last axis and contiguous index tensors (see ops.py).
+expert otherwise), the expert weight gradients torch's BLAS per expert, the activations torch.
+Each function allocates the outputs and passes addresses, sizes, row strides and dtype tags.
+Inputs arrive validated, with a unit stride along the last axis and contiguous index tensors (see
+ops.py).
 """
 from __future__ import annotations
 
