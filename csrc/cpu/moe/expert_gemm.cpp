@@ -160,12 +160,24 @@ void pack_rows(const GroupedGemm& g, std::int64_t first, std::int64_t count, int
 
 // Columns [n0, n0 + cols) and depths [k0, k0 + kc) of W_e as float32 blocks of `step` columns
 // (6 or 16), each k-major [k][width] (width = step, or block_width for 16), zero-padded; block j
-// at j * kc * step. k outer, so weights with unit n-stride (UnitN) are read along their rows.
+// at j * kc * step. Weights are read along their rows: along k for unit k-stride, else k outer.
 template <typename T, bool UnitN>
 void pack_weights(const GroupedGemm& g, std::int64_t e, std::int64_t n0, std::int64_t cols, std::int64_t k0,
                   std::int64_t kc, int step, float* out) {
   const T* w = static_cast<const T*>(g.w) + e * g.se + n0 * g.sn + k0 * g.sk;
   const std::int64_t sn = UnitN ? 1 : g.sn;
+  if (!UnitN && g.sk == 1) {  // nn.Linear layout: read each weight row along k
+    for (std::int64_t c0 = 0; c0 < cols; c0 += step) {
+      const int width = step == kTileCols16 ? block_width(c0, cols) : step;
+      for (int t = 0; t < width; ++t) {
+        float* dst = out + c0 * kc + t;
+        const T* src = w + (c0 + t) * sn;
+        const bool valid = c0 + t < cols;
+        for (std::int64_t kk = 0; kk < kc; ++kk) dst[kk * width] = valid ? to_acc(src[kk]) : 0.0f;
+      }
+    }
+    return;
+  }
   for (std::int64_t kk = 0; kk < kc; ++kk) {
     const T* src = w + kk * g.sk;
     if constexpr (UnitN) {
