@@ -1,5 +1,6 @@
-// pyfast._C bindings of the MoE routing kernels (csrc/cpu/moe).
+// pyfast._C bindings of the MoE kernels (csrc/cpu/moe).
 #include "bindings/cpu_bindings.h"
+#include "common/memory.h"
 #include "cpu/moe/moe.h"
 
 namespace py = pybind11;
@@ -53,6 +54,20 @@ void register_moe(py::module_& m) {
           cpu::moe_combine_weights_grad(dtype, at<const void>(grad_out), grad_stride, at<const void>(y), y_stride, d,
                                         at<const std::int64_t>(row_of_assignment), tokens, k,
                                         at<void>(grad_weights));
+        });
+  m.def("moe_expert_gemm_available", &cpu::moe_expert_gemm_available);
+  // Huge-page advice for a large fresh output that torch code fills (the expert weight gradients).
+  m.def("moe_advise_huge_pages", [](Address data, std::size_t bytes) { advise_huge_pages(at<void>(data), bytes); });
+  m.def("moe_expert_gemm",
+        [](int dtype, Address a, std::int64_t a_stride, Address assignment_of_row, int k, Address w,
+           std::int64_t w_expert_stride, std::int64_t w_n_stride, std::int64_t w_k_stride, std::int64_t n,
+           std::int64_t depth, Address counts, Address offsets, std::int64_t experts, std::int64_t rows, Address out,
+           std::int64_t out_stride) {
+          py::gil_scoped_release release;
+          cpu::moe_expert_gemm(dtype, at<const void>(a), a_stride, at<const std::int64_t>(assignment_of_row), k,
+                               at<const void>(w), w_expert_stride, w_n_stride, w_k_stride, n, depth,
+                               at<const std::int64_t>(counts), at<const std::int64_t>(offsets), experts, rows,
+                               at<void>(out), out_stride);
         });
 }
 

@@ -2,12 +2,15 @@
 
 Implements the kernel-backend contract that `ops.py` / `experts.py` dispatch to, except the aux losses
 (on the CPU torch's vectorized softmax beat a C++ kernel, so they run the reference). The expert
-GEMMs are torch's BLAS on each expert's contiguous rows, between the C++ row gather and combine. Each function allocates the
-outputs and passes addresses, sizes, row strides and dtype tags. Inputs arrive validated, with a
-unit stride along the last axis and contiguous index tensors (see ops.py).
+GEMMs that produce rows are the C++ grouped GEMM (float32/16-bit on AVX2 CPUs; torch's BLAS per
+expert otherwise), the expert weight gradients torch's BLAS per expert, the activations torch.
+Each function allocates the outputs and passes addresses, sizes, row strides and dtype tags.
+Inputs arrive validated, with a unit stride along the last axis and contiguous index tensors (see
+ops.py).
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -105,11 +108,16 @@ def combine_weights_grad(grad_out: Tensor, y: Tensor, row_of_assignment: Tensor)
 
 
 # --------------------------------------------------------------------------------------------------
-# Expert compute: the C++ row gather / combine around per-expert BLAS GEMMs (torch.mm) on the
-# contiguous row segment of each expert. 16-bit inputs are computed in float32 (this CPU's
-# float32 GEMM is several times faster than its 16-bit one), one expert's weights at a time
-# converted into a reused buffer.
+# Expert compute. The GEMMs that produce rows (forward, and the input gradients of the backward)
+# run the C++ grouped GEMM (csrc/cpu/moe/expert_gemm.cpp: AVX2 + FMA, float32 compute, the row
+# gather fused into its packing). float64, and CPUs without AVX2, use torch's BLAS on each
+# expert's contiguous rows. The weight gradients are torch's BLAS per expert.
 # --------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _has_expert_gemm() -> bool:
+    return _ext.cpu.moe_expert_gemm_available()
 
 
 def _segments(counts: Tensor, offsets: Tensor) -> List[Tuple[int, int, int]]:
@@ -150,11 +158,29 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
         out.copy_(a @ b)
 
 
-def grouped_mm(a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: bool) -> Tensor:
-    """``(R, N)`` in ``a.dtype``: ``a[r] @ w[e].T`` (``w (E, N, K)``), or ``a[r] @ w[e]``
-    (``w (E, K, N)``) when ``trans_w``, on each expert's rows; zero rows elsewhere."""
-    n = w.shape[2] if trans_w else w.shape[1]
-    out = _alloc.empty((a.shape[0], n), a.dtype, a.device)
+def _expert_gemm(
+    a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: bool, gather: Optional[Tensor] = None, k: int = 1
+) -> Tensor:
+    """``(R, N)`` in ``a.dtype``: on expert e's rows, row ``r`` times ``w[e].T`` (``w (E, N, K)``) or
+    ``w[e]`` (``w (E, K, N)``, ``trans_w``); zero rows elsewhere. Row ``r`` is ``a[r]``, or with
+    ``gather`` (assignment_of_row, ``R`` entries) the token row ``a[gather[r] // k]`` (zero where
+    ``gather[r] < 0``)."""
+    n_axis, k_axis = (2, 1) if trans_w else (1, 2)
+    rows = a.shape[0] if gather is None else gather.shape[0]
+    if a.dtype == torch.float64 or not _has_expert_gemm():
+        return _torch_expert_gemm(a if gather is None else gather_rows(a, gather, k, None), w, counts, offsets, trans_w)
+    out = _alloc.empty((rows, w.shape[n_axis]), a.dtype, a.device)
+    _ext.cpu.moe_expert_gemm(
+        _TAG[a.dtype], a.data_ptr(), _row_stride(a), _address(gather), k, w.data_ptr(), w.stride(0),
+        w.stride(n_axis), w.stride(k_axis), w.shape[n_axis], w.shape[k_axis], counts.data_ptr(), offsets.data_ptr(),
+        w.shape[0], rows, out.data_ptr(), out.stride(0),
+    )
+    return out
+
+
+def _torch_expert_gemm(a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: bool) -> Tensor:
+    """`_expert_gemm` without the gather by torch's BLAS, one GEMM per expert."""
+    out = _alloc.empty((a.shape[0], w.shape[2] if trans_w else w.shape[1]), a.dtype, a.device)
     segments = _segments(counts, offsets)
     _zero_gaps(out, segments)
     weight = _ExpertWeights(w)
@@ -164,12 +190,30 @@ def grouped_mm(a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: b
     return out
 
 
+def grouped_mm(a: Tensor, w: Tensor, counts: Tensor, offsets: Tensor, trans_w: bool) -> Tensor:
+    """``(R, N)`` in ``a.dtype``: ``a[r] @ w[e].T`` (``w (E, N, K)``), or ``a[r] @ w[e]``
+    (``w (E, K, N)``) when ``trans_w``, on each expert's rows; zero rows elsewhere."""
+    return _expert_gemm(a, w, counts, offsets, trans_w)
+
+
+def _expert_grads(shape: Tuple[int, ...], dtype: torch.dtype, segments: List[Tuple[int, int, int]]) -> Tensor:
+    """Per-expert weight gradients to be written expert by expert: zero for the experts without
+    rows (no zero-fill pass over the others). Huge pages make the first touch of these large
+    buffers (GB at full model width) several times cheaper."""
+    dw = _alloc.empty(shape, dtype, "cpu")
+    _ext.cpu.moe_advise_huge_pages(dw.data_ptr(), dw.numel() * dw.element_size())
+    for e in sorted(set(range(shape[0])) - {e for e, _, _ in segments}):
+        dw[e].zero_()
+    return dw
+
+
 def grouped_mm_wgrad(grad: Tensor, a: Tensor, counts: Tensor, offsets: Tensor, num_experts: int, trans_w: bool) -> Tensor:
     """Weight gradient of `grouped_mm`: ``grad_e.T @ a_e`` ``(E, N, K)``, or ``a_e.T @ grad_e``
     ``(E, K, N)`` when ``trans_w``; zero for empty experts. In ``a.dtype``."""
     shape = (num_experts, a.shape[1], grad.shape[1]) if trans_w else (num_experts, grad.shape[1], a.shape[1])
-    dw = torch.zeros(shape, dtype=a.dtype, device=a.device)
-    for e, start, end in _segments(counts, offsets):
+    segments = _segments(counts, offsets)
+    dw = _expert_grads(shape, a.dtype, segments)
+    for e, start, end in segments:
         g, x = _acc(grad[start:end]), _acc(a[start:end])
         if trans_w:
             _mm_into(dw[e], x.T, g)
@@ -183,43 +227,13 @@ def moe_mlp_fwd(
     counts: Tensor, offsets: Tensor, activation: str,
 ) -> Tuple[Tensor, Tensor]:
     """``(out (T, d) x.dtype, hidden (R, H) x.dtype)``; ``hidden`` (the first GEMM's output, zero
-    outside the segments) is kept for the backward."""
+    outside the segments) is kept for the backward. The first GEMM reads the token rows of x
+    directly (no permuted copy); 16-bit activations are computed in float32 and rounded once."""
     k = row_of_assignment.shape[1]
-    rows, d = assignment_of_row.shape[0], x.shape[1]
-    x_sorted = gather_rows(x, assignment_of_row, k, None)
-    hidden = _alloc.empty((rows, w1.shape[1]), x.dtype, x.device)
-    y = _alloc.empty((rows, d), x.dtype, x.device)
-    segments = _segments(counts, offsets)
-    _zero_gaps(hidden, segments)
-    _zero_gaps(y, segments)
-    if _one_grouped_call(x_sorted, w1, w2):
-        # Padding rows of x_sorted are zero and every activation maps 0 to 0, so the padded
-        # blocks [offsets[e], offsets[e + 1]) can go through torch._grouped_mm whole.
-        used = int(offsets[-1])
-        ends = offsets[1:].to(torch.int32)
-        hidden[used:].zero_()
-        y[used:].zero_()
-        hidden[:used] = torch._grouped_mm(x_sorted[:used], w1.transpose(1, 2), offs=ends)
-        y[:used] = torch._grouped_mm(activations.apply(hidden[:used], activation), w2.transpose(1, 2), offs=ends)
-        return combine_rows(y, row_of_assignment, weights), hidden
-    w_up, w_down = _ExpertWeights(w1), _ExpertWeights(w2)
-    for e, start, end in segments:
-        h = _acc(x_sorted[start:end]) @ w_up[e].T
-        hidden[start:end] = h
-        _mm_into(y[start:end], activations.apply(h, activation), w_down[e].T)
+    hidden = _expert_gemm(x, w1, counts, offsets, False, assignment_of_row, k)
+    a = activations.apply(_acc(hidden), activation).to(x.dtype)
+    y = _expert_gemm(a, w2, counts, offsets, False)
     return combine_rows(y, row_of_assignment, weights), hidden
-
-
-def _one_grouped_call(x_sorted: Tensor, w1: Tensor, w2: Tensor) -> bool:
-    """torch._grouped_mm (all experts in one call; faster on the CPU than a GEMM per expert) covers
-    float32 with row strides that are multiples of 16 bytes."""
-    return (
-        hasattr(torch, "_grouped_mm")
-        and x_sorted.dtype == w1.dtype == w2.dtype == torch.float32
-        and all(size % 4 == 0 for size in (x_sorted.shape[1], w1.shape[1], w2.shape[1], w2.shape[2]))
-        and w1.is_contiguous()
-        and w2.is_contiguous()
-    )
 
 
 def moe_mlp_bwd(
@@ -228,31 +242,29 @@ def moe_mlp_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dx (T, d), dw1, dw2, dweights (T, k) compute dtype)`` of `moe_mlp_fwd`.
 
-    Per expert, with g the unweighted output gradient of each row and w its gate weight:
-    ``da = g @ w2``; ``dweight = <da, act(h)>``; ``dw2 = g.T @ (w * act(h))``;
-    ``dh = act'(h) (w * da)``; ``dw1 = dh.T @ x``; ``dx_row = dh @ w1``, summed back per token.
+    With g the unweighted output gradient of each row and w its gate weight:
+    ``da = g @ w2``; ``dweight = <da, act(h)>``; ``dh = act'(h) (w * da)``; ``dx_row = dh @ w1``,
+    summed back per token (grouped GEMMs over all rows); per expert ``dw2 = g.T @ (w * act(h))``
+    and ``dw1 = dh.T @ x``.
     """
     tokens, k = row_of_assignment.shape
     acc = compute_dtype(x.dtype)
-    g_sorted = gather_rows(grad_out.to(x.dtype), assignment_of_row, k, None)
-    x_sorted = gather_rows(x, assignment_of_row, k, None)
+    grad_out = grad_out.to(x.dtype)
     valid = assignment_of_row >= 0
-    gate = torch.where(valid, weights.reshape(-1)[assignment_of_row.clamp(min=0)], 0)
-    dgate = torch.zeros(assignment_of_row.shape[0], dtype=acc)
-    dx_sorted = _alloc.empty(x_sorted.shape, x.dtype, x.device)
-    dw1 = torch.zeros(w1.shape, dtype=w1.dtype)
-    dw2 = torch.zeros(w2.shape, dtype=w2.dtype)
-    w_up, w_down = _ExpertWeights(w1), _ExpertWeights(w2)
-    for e, start, end in _segments(counts, offsets):
-        h, g, xe = _acc(hidden[start:end]), _acc(g_sorted[start:end]), _acc(x_sorted[start:end])
-        wr = gate[start:end, None]
-        a = activations.apply(h, activation)
-        da = g @ w_down[e]
-        dgate[start:end] = (da * a).sum(dim=1)
-        _mm_into(dw2[e], g.T, a * wr)
-        dh = activations.backward(h, da * wr, activation)
-        _mm_into(dw1[e], dh.T, xe)
-        _mm_into(dx_sorted[start:end], dh, w_up[e])
-    dx = combine_rows(dx_sorted, row_of_assignment, None)
+    gate = torch.where(valid, weights.reshape(-1)[assignment_of_row.clamp(min=0)], 0)[:, None].to(acc)
+    h = _acc(hidden)
+    a = activations.apply(h, activation)
+    da = _acc(_expert_gemm(grad_out, w2, counts, offsets, True, assignment_of_row, k))
+    dgate = (da * a).sum(dim=1)
+    dh = activations.backward(h, da * gate, activation)
+    dx = combine_rows(_expert_gemm(dh.to(x.dtype), w1, counts, offsets, True), row_of_assignment, None)
+    g_sorted = gather_rows(grad_out, assignment_of_row, k, None)
+    x_sorted = gather_rows(x, assignment_of_row, k, None)
+    aw = a * gate
+    segments = _segments(counts, offsets)
+    dw1, dw2 = _expert_grads(w1.shape, w1.dtype, segments), _expert_grads(w2.shape, w2.dtype, segments)
+    for e, start, end in segments:
+        _mm_into(dw2[e], _acc(g_sorted[start:end]).T, aw[start:end])
+        _mm_into(dw1[e], dh[start:end].T, _acc(x_sorted[start:end]))
     dweights = torch.zeros(tokens * k, dtype=acc).index_put_((assignment_of_row[valid],), dgate[valid])
     return dx, dw1, dw2, dweights.view(tokens, k)

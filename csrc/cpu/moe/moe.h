@@ -35,4 +35,15 @@ void moe_combine_weights_grad(int dtype, const void* grad_out, std::int64_t grad
                               std::int64_t y_stride, std::int64_t d, const std::int64_t* row_of_assignment,
                               std::int64_t tokens, int k, void* grad_weights_acc);
 
+// Grouped expert GEMM (expert_gemm.cpp): for each expert e and row r in
+// [offsets[e], offsets[e] + counts[e]): out[r][j] = sum_i A_r[i] * w[e * w_expert_stride + j * w_n_stride +
+// i * w_k_stride], j < n, i < depth; A_r = a[r] (row stride a_stride), or x[assignment_of_row[r] / k]
+// (zero when negative) when assignment_of_row is not null. The other of the `rows` output rows are zeroed.
+// float32 / float16 / bfloat16 (computed in float32); needs AVX2 + FMA (moe_expert_gemm_available).
+bool moe_expert_gemm_available();
+void moe_expert_gemm(int dtype, const void* a, std::int64_t a_stride, const std::int64_t* assignment_of_row, int k,
+                     const void* w, std::int64_t w_expert_stride, std::int64_t w_n_stride, std::int64_t w_k_stride,
+                     std::int64_t n, std::int64_t depth, const std::int64_t* counts, const std::int64_t* offsets,
+                     std::int64_t experts, std::int64_t rows, void* out, std::int64_t out_stride);
+
 }  // namespace pyfast::cpu

@@ -6,8 +6,9 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#include "common/cpu_features.h"
+
+#ifdef PYFAST_X86
 #define PYFAST_QUANT_AVX2 1
 #endif
 
@@ -49,8 +50,6 @@ struct ScalarDecoder {
 inline int shuffled_position(int i) { return ((i % 16) / 4) * 8 + (i / 16) * 4 + i % 4; }
 
 #ifdef PYFAST_QUANT_AVX2
-#define PYFAST_AVX2 __attribute__((target("avx2,fma")))
-
 template <int Bits>
 struct Avx2Decoder;
 
@@ -145,13 +144,6 @@ PYFAST_AVX2 inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
-
-inline bool has_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
-#else
-inline bool has_avx2() { return false; }
 #endif
 
 }  // namespace pyfast::cpu::quant

@@ -1,0 +1,23 @@
+// Run-time CPU feature checks for kernels compiled for an instruction set beyond the build's
+// baseline. A function marked PYFAST_AVX2 may use AVX2 + FMA intrinsics; call it only when
+// has_avx2() is true. PYFAST_X86 is defined where those intrinsics exist at all.
+#pragma once
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PYFAST_X86 1
+#define PYFAST_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+namespace pyfast {
+
+#ifdef PYFAST_X86
+inline bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+#else
+inline bool has_avx2() { return false; }
+#endif
+
+}  // namespace pyfast
