@@ -15,40 +15,59 @@ mode-product kernel had nothing to win.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-ApplyMode = Callable[[Tensor, Tensor, Sequence[int], int, int], Tensor]
+# apply(matrix, x, grid, mode, cols, out): one mode product, written into the flat buffer ``out``
+# (at least the output's size) when given, else into a fresh tensor.
+ApplyMode = Callable[[Tensor, Tensor, Sequence[int], int, int, Optional[Tensor]], Tensor]
 
 
-def apply_mode(matrix: Tensor, x: Tensor, grid: Sequence[int], mode: int, cols: int) -> Tensor:
+def apply_mode(matrix: Tensor, x: Tensor, grid: Sequence[int], mode: int, cols: int, out: Optional[Tensor] = None) -> Tensor:
     """``matrix (m, n_mode)`` along ``mode`` of ``x (N, cols)`` (contiguous, row-major grid ``grid``);
-    returns ``(N / n_mode * m, cols)`` contiguous."""
+    returns ``(N / n_mode * m, cols)`` contiguous, in the flat buffer ``out`` when given."""
     a = math.prod(grid[:mode])
     n = grid[mode]
     c = math.prod(grid[mode + 1:]) * cols
     m = matrix.shape[0]
+    into = (lambda *shape: None) if out is None else (lambda *shape: out[: math.prod(shape)].view(shape))  # noqa: E731
     if c == 1:
-        out = x.reshape(a, n) @ matrix.transpose(0, 1)
+        res = torch.mm(x.reshape(a, n), matrix.t(), out=into(a, m))
     elif a == 1:
-        out = matrix @ x.reshape(n, c)
+        res = torch.mm(matrix, x.reshape(n, c), out=into(m, c))
     else:  # stride-0 batch of M: matmul would materialize the broadcast copy
-        out = torch.bmm(matrix.expand(a, m, n), x.reshape(a, n, c))
-    return out.reshape(a * m * math.prod(grid[mode + 1:]), cols)
+        res = torch.bmm(matrix.expand(a, m, n), x.reshape(a, n, c), out=into(a, m, c))
+    return res.view(a * m * math.prod(grid[mode + 1:]), cols)
 
 
 def kron_apply(
-    matrices: Sequence[Tensor], x: Tensor, grid: Sequence[int], cols: int, skip: int = -1, apply: ApplyMode = apply_mode
+    matrices: Sequence[Tensor], x: Tensor, grid: Sequence[int], cols: int, skip: int = -1,
+    apply: ApplyMode = apply_mode, consume: bool = False,
 ) -> Tensor:
     """``(M_1 (x) ... (x) M_D) x`` by one mode product per factor (``apply``: this module's
-    `apply_mode` or a kernel backend's); factor ``skip`` is left out (identity along that mode)."""
+    `apply_mode` or a kernel backend's); factor ``skip`` is left out (identity along that mode).
+
+    The products alternate between two buffers allocated here (the result is one of them), and
+    with ``consume`` (``x`` is not used after the call) ``x`` itself serves as the second.
+    """
+    steps = [(d, mat) for d, mat in enumerate(matrices) if d != skip]
     shape: List[int] = list(grid)
-    for d, mat in enumerate(matrices):
-        if d == skip:
-            continue
-        x = apply(mat, x, shape, d, cols)
+    sizes = []
+    for d, mat in steps:
+        shape[d] = mat.shape[0]
+        sizes.append(math.prod(shape) * cols)
+    buffers: List[Optional[Tensor]] = [None, None]
+    for parity in (0, 1):
+        need = max(sizes[parity::2], default=0)
+        if parity == 1 and consume and x.is_contiguous() and x.numel() >= need:
+            buffers[1] = x.view(-1)
+        elif need:
+            buffers[parity] = x.new_empty(need)
+    shape = list(grid)
+    for i, (d, mat) in enumerate(steps):
+        x = apply(mat, x, shape, d, cols, buffers[i % 2])
         shape[d] = mat.shape[0]
     return x
 

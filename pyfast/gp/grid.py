@@ -89,9 +89,10 @@ class _Solve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grid: "KroneckerGrid", y: Tensor, noise: Tensor, *params: Tensor):
         beta = grid._beta(y)
-        alpha = grid._from_eigenbasis(beta)
+        needed = any(ctx.needs_input_grad)  # the backward needs beta; otherwise it is scratch
+        alpha = grid._from_eigenbasis(beta, consume=not needed)
         ctx.grid = grid
-        ctx.save_for_backward(beta)
+        ctx.save_for_backward(beta if needed else None)
         return alpha, grid._logdet_value()
 
     @staticmethod
@@ -318,10 +319,11 @@ class KroneckerGrid:
             raise ValueError("KroneckerGrid.inv_sqrt_mv: the symmetric root needs D = I (no diagonals)")
         z = _modes.kron_apply(self._Pt, v, self.sizes, v.shape[1], apply=self._apply)
         z = self._scale(z, -0.5)
-        return _modes.kron_apply(self._P, z, self.sizes, v.shape[1], apply=self._apply)
+        return _modes.kron_apply(self._P, z, self.sizes, v.shape[1], apply=self._apply, consume=True)
 
-    def _from_eigenbasis(self, beta: Tensor) -> Tensor:
-        return _modes.kron_apply(self._P, beta, self.sizes, beta.shape[1], apply=self._apply)
+    def _from_eigenbasis(self, beta: Tensor, consume: bool = False) -> Tensor:
+        """``P beta``; with ``consume``, ``beta`` is overwritten (scratch)."""
+        return _modes.kron_apply(self._P, beta, self.sizes, beta.shape[1], apply=self._apply, consume=consume)
 
     def _logdet_value(self) -> Tensor:
         backend = _spectrum_backend(self._P[0])
@@ -381,6 +383,8 @@ class KroneckerGrid:
         """``log |A|`` (accumulated in float64), a scalar in the factors' dtype."""
         if ops.get_backend() == "reference":
             return reference.logdet(self._jittered(), self.noise, self.diagonals)
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in [self.noise, *self._params()])):
+            return self._logdet_value()
         empty = torch.zeros(self.num_points, 0, dtype=self.dtype, device=self.device)
         return _Solve.apply(self, empty, self.noise, *self._params())[1]
 

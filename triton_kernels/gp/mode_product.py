@@ -8,7 +8,7 @@ accumulate in float32 (``tl.dot``); the output is written in the input dtype.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -64,14 +64,18 @@ def _batched_gemm(p: torch.Tensor, q: torch.Tensor, pz: int, qz: int, batch: int
     )
 
 
-def apply_mode(matrix: torch.Tensor, x: torch.Tensor, grid: Sequence[int], mode: int, cols: int) -> torch.Tensor:
+def apply_mode(
+    matrix: torch.Tensor, x: torch.Tensor, grid: Sequence[int], mode: int, cols: int, out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``matrix (m, n_mode)`` along ``mode`` of ``x (N, cols)`` (contiguous, row-major grid ``grid``);
-    returns ``(N / n_mode * m, cols)`` contiguous (same contract as `pyfast.gp._modes.apply_mode`)."""
+    returns ``(N / n_mode * m, cols)`` contiguous, in the flat buffer ``out`` when given (same
+    contract as `pyfast.gp._modes.apply_mode`)."""
     a = math.prod(grid[:mode])
     n = grid[mode]
     c = math.prod(grid[mode + 1:]) * cols
     m = matrix.shape[0]
-    out = _alloc.empty((a * m * math.prod(grid[mode + 1:]), cols), x.dtype, x.device)
+    shape = (a * m * math.prod(grid[mode + 1:]), cols)
+    out = _alloc.empty(shape, x.dtype, x.device) if out is None else out[: math.prod(shape)].view(shape)
     if out.numel() == 0:
         return out
     if n == 0:
