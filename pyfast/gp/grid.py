@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -246,6 +246,7 @@ class KroneckerGrid:
         self._Pt = [P.t().contiguous() for P in self._P]
         # The N eigenvalues L are materialized only where no kernel computes them on the fly.
         self._L: Optional[Tensor] = None
+        self._spectra: Dict[str, object] = {}  # per kernel backend, see _spectrum
 
     def _check_spectrum(self, d: int, lam: Tensor) -> None:
         """No clamping: an indefinite factor (beyond rounding) is an error."""
@@ -298,14 +299,22 @@ class KroneckerGrid:
         """``z *= L^power`` in place (``z (N, B)``, a fresh tensor), power -1 or -1/2."""
         backend = _spectrum_backend(z) if z.is_contiguous() else "torch"
         if backend == "cpu":
-            _ext.cpu.gp_scale_by_spectrum(_ext.DTYPE_TAG[z.dtype], z.data_ptr(), z.shape[1], *self._spectrum_args(), power)
+            _ext.cpu.gp_scale_by_spectrum(_ext.DTYPE_TAG[z.dtype], z.data_ptr(), z.shape[1], *self._spectrum("cpu"),
+                                          self._noise_value, power)
             return z
         if backend == "triton":
-            return _triton().scale_by_spectrum(z, self._lams, self._noise_value, power)
+            return _triton().scale_by_spectrum(z, self._spectrum("triton"), self._noise_value, power)
         return z.mul_(self._eigenvalues.pow(power).to(z.dtype)[:, None])
 
-    def _spectrum_args(self) -> Tuple[List[int], List[int], float]:
-        return [l.data_ptr() for l in self._lams], list(self.sizes), self._noise_value
+    def _spectrum(self, backend: str):
+        """The factor eigenvalues as the ``backend`` kernels take them, built once per grid:
+        (addresses, sizes) for the C++ kernels, a device-side layout for Triton."""
+        if backend not in self._spectra:
+            self._spectra[backend] = (
+                ([l.data_ptr() for l in self._lams], list(self.sizes)) if backend == "cpu"
+                else _triton().spectrum_layout(self._lams)
+            )
+        return self._spectra[backend]
 
     def _beta(self, y: Tensor) -> Tensor:
         """``L^{-1} P^T y`` for ``y (N, B)``."""
@@ -328,9 +337,9 @@ class KroneckerGrid:
     def _logdet_value(self) -> Tensor:
         backend = _spectrum_backend(self._P[0])
         if backend == "cpu":
-            ld = torch.tensor(_ext.cpu.gp_log_spectrum_sum(*self._spectrum_args()), dtype=torch.float64)
+            ld = torch.tensor(_ext.cpu.gp_log_spectrum_sum(*self._spectrum("cpu"), self._noise_value), dtype=torch.float64)
         elif backend == "triton":
-            ld = _triton().log_spectrum_sum(self._lams, self._noise_value)
+            ld = _triton().log_spectrum_sum(self._spectrum("triton"), self._noise_value)
         else:
             ld = torch.log(self._eigenvalues).sum()
         if self.diagonals is not None:

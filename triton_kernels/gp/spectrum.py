@@ -7,7 +7,7 @@ eigenvalue is the left-to-right product of the factor eigenvalues (float64) plus
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, NamedTuple, Sequence
 
 import torch
 import triton
@@ -49,8 +49,18 @@ def _log_sum_kernel(partial_ptr, lams_ptr, starts_ptr, sizes_ptr, strides_ptr, n
     tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(live, tl.log(L), 0.0), axis=0))
 
 
-def _layout(lams: Sequence[torch.Tensor]):
-    """``(all eigenvalues, start, size and row-major stride of each mode)`` on ``lams``' device."""
+class SpectrumLayout(NamedTuple):
+    """The factor eigenvalues as the kernels read them, built once per grid: all eigenvalues
+    (float64, concatenated) and each mode's start, size and row-major stride, on the device."""
+
+    values: torch.Tensor
+    starts: torch.Tensor
+    sizes: torch.Tensor
+    strides: torch.Tensor
+    num_points: int
+
+
+def spectrum_layout(lams: Sequence[torch.Tensor]) -> SpectrumLayout:
     sizes: List[int] = [l.numel() for l in lams]
     starts = [0]
     for n in sizes[:-1]:
@@ -58,23 +68,23 @@ def _layout(lams: Sequence[torch.Tensor]):
     strides = [math.prod(sizes[d + 1:]) for d in range(len(sizes))]
     device = lams[0].device
     as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-    return torch.cat([l.to(torch.float64) for l in lams]), as_tensor(starts), as_tensor(sizes), as_tensor(strides)
+    values = torch.cat([l.to(torch.float64) for l in lams])
+    return SpectrumLayout(values, as_tensor(starts), as_tensor(sizes), as_tensor(strides), math.prod(sizes))
 
 
-def scale_by_spectrum(z: torch.Tensor, lams: Sequence[torch.Tensor], noise: float, power: float) -> torch.Tensor:
+def scale_by_spectrum(z: torch.Tensor, layout: SpectrumLayout, noise: float, power: float) -> torch.Tensor:
     """``z (N, B)`` contiguous, float32/float64: ``z *= L^power`` in place (power -1 or -1/2)."""
     total = z.numel()
     if total:
         _scale_kernel[(triton.cdiv(total, _BLOCK),)](
-            z, *_layout(lams), noise, total, z.shape[1], ROOT=power == -0.5, D=len(lams), BLOCK=_BLOCK,
+            z, *layout[:4], noise, total, z.shape[1], ROOT=power == -0.5, D=layout.sizes.numel(), BLOCK=_BLOCK,
         )
     return z
 
 
-def log_spectrum_sum(lams: Sequence[torch.Tensor], noise: float) -> torch.Tensor:
+def log_spectrum_sum(layout: SpectrumLayout, noise: float) -> torch.Tensor:
     """``sum log L`` as a float64 scalar tensor (per-block partial sums, added in a fixed order)."""
-    N = math.prod(l.numel() for l in lams)
-    programs = triton.cdiv(N, _BLOCK)
-    partial = torch.empty(programs, dtype=torch.float64, device=lams[0].device)
-    _log_sum_kernel[(programs,)](partial, *_layout(lams), noise, N, D=len(lams), BLOCK=_BLOCK)
+    programs = triton.cdiv(layout.num_points, _BLOCK)
+    partial = torch.empty(programs, dtype=torch.float64, device=layout.values.device)
+    _log_sum_kernel[(programs,)](partial, *layout[:4], noise, layout.num_points, D=layout.sizes.numel(), BLOCK=_BLOCK)
     return partial.sum()
