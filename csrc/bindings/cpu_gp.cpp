@@ -37,6 +37,21 @@ void register_gp(py::module_& m) {
     py::gil_scoped_release release;
     cpu::gp_scale_by_spectrum(dtype, at<void>(z), cols, s.view(noise), power);
   });
+  m.def("gp_kron_eigen_apply_available", &cpu::gp_kron_eigen_apply_available);
+  // lams empty: no scaling.
+  m.def("gp_kron_eigen_apply", [](int dtype, Address x, Address out, std::int64_t cols, const std::vector<Address>& q,
+                                  const std::vector<Address>& qt, const std::vector<std::int64_t>& sizes, bool rotate_in,
+                                  bool rotate_out, const std::vector<Address>& lams, double noise, double power) {
+    if (q.size() != sizes.size() || qt.size() != sizes.size()) throw std::invalid_argument("gp_kron_eigen_apply: need Q_d and Q_d^T per mode");
+    std::vector<const void*> qs, qts;
+    for (std::size_t d = 0; d < sizes.size(); ++d) qs.push_back(at<const void>(q[d])), qts.push_back(at<const void>(qt[d]));
+    const bool scaled = !lams.empty();
+    const Spectrum s = scaled ? spectrum_of(lams, sizes) : Spectrum{};
+    const cpu::KronSpectrum view = s.view(noise);
+    py::gil_scoped_release release;
+    cpu::gp_kron_eigen_apply(dtype, at<const void>(x), at<void>(out), cols, qs.data(), qts.data(), sizes.data(),
+                             static_cast<int>(sizes.size()), rotate_in, rotate_out, scaled ? &view : nullptr, power);
+  });
   m.def("gp_log_spectrum_sum", [](const std::vector<Address>& lams, const std::vector<std::int64_t>& sizes, double noise) {
     const Spectrum s = spectrum_of(lams, sizes);
     py::gil_scoped_release release;

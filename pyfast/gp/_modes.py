@@ -9,16 +9,18 @@ stride-0 batch of ``M``). A mode-major copy
 ``(n_d, A C)`` would turn a middle mode into one GEMM (64^3 grid, 2 CPU threads, in isolation:
 0.7 vs 0.95 ms), but its two extra grid-sized buffers cost more than that inside a solve, where
 fresh buffers are page-faulted in again and again (about 1000 faults per 64^3 solve).
-This is the CPU path of `pyfast.gp.kron_mv`: it runs at BLAS GEMM speed, so a hand-written C++
-mode-product kernel had nothing to win.
+These serve every case that `kron_eigen_apply` (the C++ kernel for square factors in float32 /
+float64 on AVX2 CPUs) does not cover: rectangular factors, other dtypes, gradients of factors.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from .. import _ext
 
 # apply(matrix, x, grid, mode, cols, out): one mode product, written into the flat buffer ``out``
 # (at least the output's size) when given, else into a fresh tensor.
@@ -70,6 +72,43 @@ def kron_apply(
         x = apply(mat, x, shape, d, cols, buffers[i % 2])
         shape[d] = mat.shape[0]
     return x
+
+
+def kernel_covers(x: Tensor, matrices: Sequence[Tensor]) -> bool:
+    """Whether `kron_eigen_apply` runs for ``x (N, B)`` and these factors: CPU, float32 / float64,
+    contiguous, square non-empty factors of ``x``'s dtype, and a CPU with AVX2 + FMA."""
+    return (
+        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous()
+        and all(m.dtype == x.dtype and m.shape[0] == m.shape[1] > 0 for m in matrices)
+        and _ext.cpu is not None and _ext.cpu.gp_kron_eigen_apply_available()
+    )
+
+
+def kron_eigen_apply(
+    q: Sequence[Tensor], qt: Sequence[Tensor], x: Tensor, rotate_in: bool, rotate_out: bool,
+    spectrum: Optional[Tuple[List[int], float, float]] = None, out: Optional[Tensor] = None,
+) -> Tensor:
+    """``Q diag(L^p) Q^T x`` with ``Q = Q_1 (x) ... (x) Q_D`` by the C++ kernel
+    (csrc/cpu/gp/kron_eigen_apply.cpp), or a half: ``diag(L^p) Q^T x`` (no ``rotate_out``) or
+    ``Q x`` (no ``rotate_in``: any square Kronecker product).
+
+    Args:
+        q, qt: ``Q_d`` and ``Q_d^T``, ``(n_d, n_d)`` contiguous, ``x``'s dtype.
+        x: ``(n_1 ... n_D, B)`` contiguous (see `kernel_covers`).
+        spectrum: ``(addresses of the float64 factor eigenvalues, noise, p)``, ``p`` -1 or -1/2,
+            ``L = noise + lam_1 (x) ... (x) lam_D``; None: no scaling. Needs ``rotate_in``.
+        out: the result's buffer (may be ``x``), else a fresh tensor.
+
+    One grid-sized buffer; a 64^3 grid is read and written three times (leading mode, the two
+    trailing modes in cache, leading mode), where one mode product per pass takes seven.
+    """
+    out = torch.empty_like(x) if out is None else out
+    lams, noise, power = spectrum if spectrum is not None else ([], 0.0, -1.0)
+    _ext.cpu.gp_kron_eigen_apply(
+        _ext.DTYPE_TAG[x.dtype], x.data_ptr(), out.data_ptr(), x.shape[1], [m.data_ptr() for m in q],
+        [m.data_ptr() for m in qt], [m.shape[0] for m in q], rotate_in, rotate_out, lams, noise, power,
+    )
+    return out
 
 
 def mode_gram(left: Tensor, right: Tensor, grid: Sequence[int], mode: int, cols: int, p: int, q: int) -> Tensor:

@@ -88,10 +88,13 @@ class _Solve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grid: "KroneckerGrid", y: Tensor, noise: Tensor, *params: Tensor):
-        beta = grid._beta(y)
-        needed = any(ctx.needs_input_grad)  # the backward needs beta; otherwise it is scratch
-        alpha = grid._from_eigenbasis(beta, consume=not needed)
+        needed = any(ctx.needs_input_grad)  # the backward needs beta = L^{-1} P^T y
         ctx.grid = grid
+        if not needed and grid._eigen_kernel(y):
+            ctx.save_for_backward(None)
+            return grid._eigen_apply(y, rotate_in=True, power=-1.0, rotate_out=True), grid._logdet_value()
+        beta = grid._beta(y)
+        alpha = grid._from_eigenbasis(beta, consume=not needed)  # beta is scratch when not needed
         ctx.save_for_backward(beta if needed else None)
         return alpha, grid._logdet_value()
 
@@ -316,8 +319,22 @@ class KroneckerGrid:
             )
         return self._spectra[backend]
 
+    def _eigen_kernel(self, x: Tensor) -> bool:
+        """Whether the C++ eigenbasis kernel (`_eigen_apply`) runs for ``x (N, B)``."""
+        return _spectrum_backend(x) == "cpu" and _modes.kernel_covers(x, self._P)
+
+    def _eigen_apply(self, x: Tensor, rotate_in: bool, power: Optional[float], rotate_out: bool,
+                     out: Optional[Tensor] = None) -> Tensor:
+        """``P diag(L^power) P^T x``, ``diag(L^power) P^T x`` (no ``rotate_out``) or ``P x`` (no
+        ``rotate_in``, ``power`` None) for ``x (N, B)`` by the C++ kernel, into ``out`` (may be
+        ``x``) or a fresh tensor."""
+        spectrum = None if power is None else (self._spectrum("cpu")[0], self._noise_value, power)
+        return _modes.kron_eigen_apply(self._P, self._Pt, x, rotate_in, rotate_out, spectrum, out)
+
     def _beta(self, y: Tensor) -> Tensor:
         """``L^{-1} P^T y`` for ``y (N, B)``."""
+        if self._eigen_kernel(y):
+            return self._eigen_apply(y, rotate_in=True, power=-1.0, rotate_out=False)
         z = _modes.kron_apply(self._Pt, y, self.sizes, y.shape[1], apply=self._apply)
         return self._scale(z, -1.0)
 
@@ -326,12 +343,16 @@ class KroneckerGrid:
         (``D = I`` only; no gradient). Used to precondition iterative methods."""
         if self.diagonals is not None:
             raise ValueError("KroneckerGrid.inv_sqrt_mv: the symmetric root needs D = I (no diagonals)")
+        if self._eigen_kernel(v):
+            return self._eigen_apply(v, rotate_in=True, power=-0.5, rotate_out=True)
         z = _modes.kron_apply(self._Pt, v, self.sizes, v.shape[1], apply=self._apply)
         z = self._scale(z, -0.5)
         return _modes.kron_apply(self._P, z, self.sizes, v.shape[1], apply=self._apply, consume=True)
 
     def _from_eigenbasis(self, beta: Tensor, consume: bool = False) -> Tensor:
         """``P beta``; with ``consume``, ``beta`` is overwritten (scratch)."""
+        if self._eigen_kernel(beta):
+            return self._eigen_apply(beta, rotate_in=False, power=None, rotate_out=True, out=beta if consume else None)
         return _modes.kron_apply(self._P, beta, self.sizes, beta.shape[1], apply=self._apply, consume=consume)
 
     def _logdet_value(self) -> Tensor:

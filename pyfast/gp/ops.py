@@ -1,10 +1,10 @@
 """Kronecker matrix-vector products: validation, `torch.library` custom ops, autograd, dispatch.
 
 Backends: ``triton`` (CUDA, float32/float16/bfloat16: the strided batched-GEMM mode-product
-kernel), ``cpu`` (torch's GEMMs on mode views without permute copies, `_modes.py`: a C++
-mode-product kernel measured 2.5x (64^3) to 8x (1024^2) slower than these BLAS GEMMs and was
-dropped; the same torch path serves float64 on CUDA) and ``reference`` (dense Kronecker
-product, `reference.py`).
+kernel), ``cpu`` (square float32/float64 factors: the C++ Kronecker kernel,
+`_modes.kron_eigen_apply`, one output buffer and three passes over a 64^3 grid; otherwise
+torch's GEMMs on mode views without permute copies, `_modes.kron_apply`, which also serves
+float64 on CUDA) and ``reference`` (dense Kronecker product, `reference.py`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from . import _modes, reference
 
 _GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_CPU_PATH = "torch GEMMs on views of each mode (no permute copies)"
-register_op("gp.kron_mv", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_CPU_PATH)
-register_op("gp.mode_product", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_CPU_PATH)
+_MODE_VIEWS = "torch GEMMs on views of each mode (no permute copies)"
+register_op("gp.kron_mv", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS,
+            cpu_path="C++ Kronecker kernel for square float32/float64 factors, else " + _MODE_VIEWS)
+register_op("gp.mode_product", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS, cpu_path=_MODE_VIEWS)
 
 
 def _apply(backend: str):
@@ -81,6 +82,9 @@ def _grid_of(factors: Sequence[Tensor]) -> List[int]:
 @torch.library.custom_op("pyfast::gp_kron_mv", mutates_args=())
 def _kron_mv_op(factors: List[Tensor], v: Tensor, transpose: bool, backend: str) -> Tensor:
     mats = _oriented(factors, transpose)
+    if backend == "torch" and _modes.kernel_covers(v, mats):
+        return _modes.kron_eigen_apply([m.contiguous() for m in mats], [m.t().contiguous() for m in mats], v,
+                                       rotate_in=False, rotate_out=True)
     return _modes.kron_apply(mats, v, _grid_of(mats), v.shape[1], apply=_apply(backend))
 
 

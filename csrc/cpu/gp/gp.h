@@ -22,4 +22,13 @@ void gp_scale_by_spectrum(int dtype, void* z, std::int64_t cols, const KronSpect
 // sum_i log L[i] in float64, all L[i] > 0 (checked by the caller).
 double gp_log_spectrum_sum(const KronSpectrum& spectrum);
 
+// out = Q diag(L^power) Q^T x with Q = Q_1 (x) ... (x) Q_D on the row-major grid `sizes` (D modes);
+// x, out (N, cols) contiguous (x == out allowed: in place); q[d], qt[d]: Q_d and Q_d^T, (n_d, n_d)
+// row-major. rotate_in / rotate_out select the halves: Q^T x (scaled by L^power when `spectrum` is
+// given, power -1 or -0.5), Q x, or both. float32 / float64; needs AVX2 + FMA.
+bool gp_kron_eigen_apply_available();
+void gp_kron_eigen_apply(int dtype, const void* x, void* out, std::int64_t cols, const void* const* q,
+                         const void* const* qt, const std::int64_t* sizes, int D, bool rotate_in, bool rotate_out,
+                         const KronSpectrum* spectrum, double power);
+
 }  // namespace pyfast::cpu

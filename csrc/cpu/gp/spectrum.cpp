@@ -5,12 +5,14 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_features.h"
 #include "common/dtype.h"
 #include "common/parallel.h"
 #include "cpu/gp/gp.h"
+#include "cpu/gp/spectrum.h"
 
 namespace pyfast::cpu {
 namespace {
@@ -61,22 +63,6 @@ PYFAST_AVX2 void scale_row_avx2(T* row, std::int64_t cols, double p, const doubl
   scale_row_body(row, cols, p, last, n, noise, root, scale);
 }
 #endif
-
-template <typename T>
-void scale_rows(T* z, std::int64_t cols, const KronSpectrum& s, double power) {
-  const std::vector<double> lead = leading_products(s);
-  const double* last = s.lams[s.D - 1];
-  const std::int64_t n = s.sizes[s.D - 1];
-  const bool root = power == -0.5;
-  auto row_fn = &scale_row<T>;
-#ifdef PYFAST_X86
-  if (has_avx2()) row_fn = &scale_row_avx2<T>;
-#endif
-  parallel_for(static_cast<std::int64_t>(lead.size()), 1, [&](std::int64_t r0, std::int64_t r1) {
-    std::vector<double> scale(n);
-    for (std::int64_t r = r0; r < r1; ++r) row_fn(z + r * n * cols, cols, lead[r], last, n, s.noise, root, scale.data());
-  });
-}
 
 // Largest |log2 L| over the grid: L is multilinear in the factor eigenvalues, so its extremes lie
 // at products of per-factor extremes (2^D candidates).
@@ -175,11 +161,39 @@ PYFAST_AVX2 double log_chunk_avx2(const double* lead, std::int64_t rows, const d
 
 }  // namespace
 
+SpectrumScaler::SpectrumScaler(const KronSpectrum& s, double power)
+    : lead_(leading_products(s)), last_(s.lams[s.D - 1]), n_(s.sizes[s.D - 1]), noise_(s.noise), root_(power == -0.5) {
+  if (power != -1.0 && power != -0.5) throw std::invalid_argument("gp spectrum scaling: power must be -1 or -0.5");
+}
+
+template <typename T>
+void SpectrumScaler::scale(T* z, std::int64_t first, std::int64_t count, std::int64_t cols) const {
+  auto row_fn = &scale_row<T>;
+#ifdef PYFAST_X86
+  if (has_avx2()) row_fn = &scale_row_avx2<T>;
+#endif
+  std::vector<double> scratch(n_);
+  for (std::int64_t r = 0; r < count; ++r)
+    row_fn(z + r * n_ * cols, cols, lead_[first + r], last_, n_, noise_, root_, scratch.data());
+}
+
+template void SpectrumScaler::scale<float>(float*, std::int64_t, std::int64_t, std::int64_t) const;
+template void SpectrumScaler::scale<double>(double*, std::int64_t, std::int64_t, std::int64_t) const;
+
 void gp_scale_by_spectrum(int dtype, void* z, std::int64_t cols, const KronSpectrum& spectrum, double power) {
-  if (power != -1.0 && power != -0.5) throw std::invalid_argument("gp_scale_by_spectrum: power must be -1 or -0.5");
-  if (dtype == kFloat32) return scale_rows(static_cast<float*>(z), cols, spectrum, power);
-  if (dtype == kFloat64) return scale_rows(static_cast<double*>(z), cols, spectrum, power);
-  throw std::invalid_argument("gp_scale_by_spectrum: z must be float32 or float64");
+  const SpectrumScaler scaler(spectrum, power);
+  const std::int64_t row_values = scaler.row_points() * cols;
+  dispatch_float(dtype, "gp_scale_by_spectrum", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      T* rows = static_cast<T*>(z);
+      parallel_for(scaler.rows(), 1, [&](std::int64_t r0, std::int64_t r1) {
+        scaler.scale(rows + r0 * row_values, r0, r1 - r0, cols);
+      });
+    } else {
+      throw std::invalid_argument("gp_scale_by_spectrum: z must be float32 or float64");
+    }
+  });
 }
 
 // sum log L without a log per element: with |log2 L| <= max_abs_log2 (= W), a product of

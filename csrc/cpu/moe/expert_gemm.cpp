@@ -4,9 +4,8 @@
 // with A_r = a[r], or the token row x[assignment_of_row[r] / k] (zero for assignment < 0) when the
 // gather is fused. Rows outside every segment are zeroed.
 //
-// Blocking (BLIS-style, float32 compute): a tile is 6 broadcast rows x 16 vector columns held in
-// 12 AVX2 accumulators; per k, two 8-lane loads and six broadcasts feed 12 FMAs, so the loop runs
-// at the FMA rate. Work items are (expert, 96 output columns), scheduled dynamically; each thread
+// Blocking (BLIS-style, float32 compute): a tile is 6 broadcast rows x 16 vector columns
+// (common/gemm_tile.h). Work items are (expert, 96 output columns), scheduled dynamically; each thread
 // packs (converts to float32, zero-pads) the rows of an expert once and reuses them for every
 // item it takes of that expert. Two orientations:
 // - weights with unit k-stride (nn.Linear layout, the forward): the 6 broadcast rows are weight
@@ -24,6 +23,7 @@
 
 #include "common/cpu_features.h"
 #include "common/dtype.h"
+#include "common/gemm_tile.h"
 #include "common/half.h"
 #include "common/memory.h"
 #include "common/parallel.h"
@@ -36,8 +36,8 @@ bool moe_expert_gemm_available() { return has_avx2(); }
 #ifdef PYFAST_X86
 namespace {
 
-constexpr int kTileRows6 = 6;     // broadcast rows per tile
-constexpr int kTileCols16 = 16;   // vector columns per tile: two 8-lane vectors
+constexpr int kTileRows6 = kTileRows;            // broadcast rows per tile
+constexpr int kTileCols16 = kTileCols<float>;    // vector columns per tile: two 8-lane vectors
 // Output columns per work item (a multiple of 6 and 16): enough items for dynamic scheduling to
 // balance a few large experts, few enough that the packed rows are reused many times.
 constexpr std::int64_t kBlockCols = 96;
@@ -60,61 +60,13 @@ struct GroupedGemm {
   std::int64_t out_stride;
 };
 
-// acc[i][t] (+)= sum_k B(i, k) * P[k][t] for i < 6, t < 8 * Vecs, with B(i, k) = b[i * rs + k * ks]
-// for i < nb (rows past nb repeat the last one: computed, never stored) and P[k] at p + k * ps;
-// `accumulate` adds to acc instead of overwriting it.
-template <int Vecs>
-PYFAST_AVX2 void tile(const float* b, std::int64_t rs, std::int64_t nb, std::int64_t ks, const float* p,
-                      std::int64_t ps, std::int64_t depth, bool accumulate, float* acc) {
-  static_assert(Vecs == 1 || Vecs == 2);
-  // Named accumulators: an array of __m256 makes GCC keep them in memory across iterations.
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  if (accumulate) {
-    c00 = _mm256_loadu_ps(acc + 0), c01 = _mm256_loadu_ps(acc + 8), c10 = _mm256_loadu_ps(acc + 16);
-    c11 = _mm256_loadu_ps(acc + 24), c20 = _mm256_loadu_ps(acc + 32), c21 = _mm256_loadu_ps(acc + 40);
-    c30 = _mm256_loadu_ps(acc + 48), c31 = _mm256_loadu_ps(acc + 56), c40 = _mm256_loadu_ps(acc + 64);
-    c41 = _mm256_loadu_ps(acc + 72), c50 = _mm256_loadu_ps(acc + 80), c51 = _mm256_loadu_ps(acc + 88);
-  }
-  const auto row = [&](std::int64_t i) { return b + std::min(i, nb - 1) * rs; };
-  const float *b0 = row(0), *b1 = row(1), *b2 = row(2), *b3 = row(3), *b4 = row(4), *b5 = row(5);
-  std::int64_t at = 0;
-  for (std::int64_t kk = 0; kk < depth; ++kk, at += ks, p += ps) {
-    const __m256 p0 = _mm256_loadu_ps(p), p1 = Vecs == 2 ? _mm256_loadu_ps(p + 8) : p0;
-    __m256 v = _mm256_broadcast_ss(b0 + at);
-    c00 = _mm256_fmadd_ps(v, p0, c00);
-    if constexpr (Vecs == 2) c01 = _mm256_fmadd_ps(v, p1, c01);
-    v = _mm256_broadcast_ss(b1 + at);
-    c10 = _mm256_fmadd_ps(v, p0, c10);
-    if constexpr (Vecs == 2) c11 = _mm256_fmadd_ps(v, p1, c11);
-    v = _mm256_broadcast_ss(b2 + at);
-    c20 = _mm256_fmadd_ps(v, p0, c20);
-    if constexpr (Vecs == 2) c21 = _mm256_fmadd_ps(v, p1, c21);
-    v = _mm256_broadcast_ss(b3 + at);
-    c30 = _mm256_fmadd_ps(v, p0, c30);
-    if constexpr (Vecs == 2) c31 = _mm256_fmadd_ps(v, p1, c31);
-    v = _mm256_broadcast_ss(b4 + at);
-    c40 = _mm256_fmadd_ps(v, p0, c40);
-    if constexpr (Vecs == 2) c41 = _mm256_fmadd_ps(v, p1, c41);
-    v = _mm256_broadcast_ss(b5 + at);
-    c50 = _mm256_fmadd_ps(v, p0, c50);
-    if constexpr (Vecs == 2) c51 = _mm256_fmadd_ps(v, p1, c51);
-  }
-  _mm256_storeu_ps(acc + 0, c00), _mm256_storeu_ps(acc + 8, c01);
-  _mm256_storeu_ps(acc + 16, c10), _mm256_storeu_ps(acc + 24, c11);
-  _mm256_storeu_ps(acc + 32, c20), _mm256_storeu_ps(acc + 40, c21);
-  _mm256_storeu_ps(acc + 48, c30), _mm256_storeu_ps(acc + 56, c31);
-  _mm256_storeu_ps(acc + 64, c40), _mm256_storeu_ps(acc + 72, c41);
-  _mm256_storeu_ps(acc + 80, c50), _mm256_storeu_ps(acc + 88, c51);
-}
-
 // The tile for `width` (8 or 16) vector columns.
 inline void tile_for(int width, const float* b, std::int64_t rs, std::int64_t nb, std::int64_t ks, const float* p,
                      std::int64_t ps, std::int64_t depth, bool accumulate, float* acc) {
   if (width == kTileCols16) {
-    tile<2>(b, rs, nb, ks, p, ps, depth, accumulate, acc);
+    gemm_tile<float, 2>(b, rs, nb, ks, p, ps, depth, accumulate, acc);
   } else {
-    tile<1>(b, rs, nb, ks, p, ps, depth, accumulate, acc);
+    gemm_tile<float, 1>(b, rs, nb, ks, p, ps, depth, accumulate, acc);
   }
 }
 
