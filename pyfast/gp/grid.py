@@ -250,6 +250,7 @@ class KroneckerGrid:
         # The N eigenvalues L are materialized only where no kernel computes them on the fly.
         self._L: Optional[Tensor] = None
         self._spectra: Dict[str, object] = {}  # per kernel backend, see _spectrum
+        self._log_spectrum_sum: Optional[float] = None
 
     def _check_spectrum(self, d: int, lam: Tensor) -> None:
         """No clamping: an indefinite factor (beyond rounding) is an error."""
@@ -358,7 +359,9 @@ class KroneckerGrid:
     def _logdet_value(self) -> Tensor:
         backend = _spectrum_backend(self._P[0])
         if backend == "cpu":
-            ld = torch.tensor(_ext.cpu.gp_log_spectrum_sum(*self._spectrum("cpu"), self._noise_value), dtype=torch.float64)
+            if self._log_spectrum_sum is None:  # solve() and logdet() both need it: computed once
+                self._log_spectrum_sum = _ext.cpu.gp_log_spectrum_sum(*self._spectrum("cpu"), self._noise_value)
+            ld = torch.tensor(self._log_spectrum_sum, dtype=torch.float64)
         elif backend == "triton":
             ld = _triton().log_spectrum_sum(self._spectrum("triton"), self._noise_value)
         else:
