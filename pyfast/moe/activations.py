@@ -50,7 +50,9 @@ def apply(h: Tensor, activation: str) -> Tensor:
     """``(rows, ffn)`` activation of the first GEMM's output ``h`` (see module docstring)."""
     if is_gated(activation):
         gate, up = h.chunk(2, dim=-1)
-        return _unary(GATED[activation], gate) * up
+        act = _unary(GATED[activation], gate)
+        # act is fresh: multiply in place (one (rows, ffn) buffer less) unless autograd records it
+        return act * up if act.requires_grad else act.mul_(up)
     return _unary(activation, h)
 
 
