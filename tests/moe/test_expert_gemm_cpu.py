@@ -110,3 +110,49 @@ def test_moe_mlp_tile_edges(dtype, gemm_path):
             assert_close(g, r64, dtype, name)
         else:
             assert_as_accurate_as_reference(g, r64, rlow, dtype, name)
+
+
+@pytest.mark.parametrize("trans_w", [False, True], ids=["w(E,N,K)", "w(E,K,N)"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_mm_weight_grad_blocks(dtype, trans_w, gemm_path):
+    """The weight gradient's blocking: a segment over one 256-row pass (300 rows), gradient sizes
+    across 96-row and 256-column work items with tails (n = 101, k = 263), padded routing."""
+    counts = [300, 0, 7, 1, 97]
+    E, n, k = len(counts), 101, 263
+    experts = _experts_with_counts(counts, seed=3)
+    routing = pyfast.moe.route(experts, E, align=8)
+    rows = routing.assignment_of_row.shape[0]
+    a = _random(rows, k, dtype=dtype).requires_grad_()
+    w = (_random(E, k, n, dtype=dtype) if trans_w else _random(E, n, k, dtype=dtype)).requires_grad_()
+    grad = _random(rows, n, dtype=dtype)
+    out = torch.ops.pyfast.moe_grouped_mm(a, w, routing.counts, routing.offsets, trans_w, "cpu")
+    (dw,) = torch.autograd.grad(out, [w], grad)
+    expected = torch.zeros(w.shape, dtype=torch.float64)
+    for e, (start, count) in enumerate(zip(routing.offsets.tolist(), routing.counts.tolist())):
+        g_e, a_e = grad[start : start + count].double(), a[start : start + count].detach().double()
+        expected[e] = a_e.T @ g_e if trans_w else g_e.T @ a_e
+    assert dw.dtype == dtype
+    assert_close(dw, expected, dtype, f"dw {dtype}")
+
+
+def test_moe_mlp_weight_grads_long_segments(gemm_path):
+    """The fused-gather weight gradients of `moe_mlp` with a 300-row expert and d, 2 ffn past the
+    work items (d = 260, ffn = 50)."""
+    counts = [300, 3, 0, 40]
+    E, d, ffn = len(counts), 260, 50
+    experts = _experts_with_counts(counts, seed=4)
+    T = experts.shape[0]
+    x = _random(T, d, dtype=torch.float32)
+    w1, w2 = _random(E, 2 * ffn, d, dtype=torch.float32, scale=d**-0.5), _random(E, d, ffn, dtype=torch.float32, scale=ffn**-0.5)
+    weights = torch.rand(T, 1, dtype=torch.float64).add(0.5).float()
+    grad_out = _random(T, d, dtype=torch.float32)
+
+    def grads(module, tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        return torch.autograd.grad(module.moe_mlp(*leaves, experts), leaves[1:3], grad_out.to(leaves[0].dtype))
+
+    with pyfast.use_backend("cpu"):
+        got = grads(pyfast.moe, (x, w1, w2, weights))
+    expected = grads(reference, [t.double() for t in (x, w1, w2, weights)])
+    for name, g, r in zip(("dw_gate_up", "dw_down"), got, expected):
+        assert_close(g, r, torch.float32, name)
