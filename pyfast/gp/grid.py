@@ -36,8 +36,10 @@ from .._linalg import eigh_threads
 from . import _modes, ops, reference
 
 # Scaling by L^p and sum log L with L = noise + lam_1 (x) ... (x) lam_D computed on the fly
-# (csrc/cpu/gp, triton_kernels/gp/spectrum.py); elsewhere L is materialized once per grid.
-register_op("gp.eigen_scale", cpu=(torch.float32, torch.float64), triton=(torch.float32, torch.float64))
+# (csrc/cpu/gp, triton_kernels/gp/spectrum.py); elsewhere L is materialized once per grid. On the
+# CPU the scaling runs inside the eigenbasis kernel (`_modes.kron_eigen_apply`) where it applies.
+register_op("gp.eigen_scale", cpu=(torch.float32, torch.float64), triton=(torch.float32, torch.float64),
+            cpu_path="C++ eigenbasis kernel: P diag(L^p) P^T x in one buffer, L computed on the fly")
 
 # Factors up to this size are decomposed on the CPU even when the data lives on CUDA: torch's GPU
 # eigh is slow for small matrices (a 32 x 32 CUDA eigh was measured at 19 ms vs 41 us on a CPU).
