@@ -118,9 +118,9 @@ class _Solve(torch.autograd.Function):
                 grad_y = g._from_eigenbasis(gamma)
             grad_noise = grad_noise - (gamma * beta).sum().double()
             for d in range(D):
-                lam_other = g._lam_without(d).to(beta.dtype)[:, None]
                 n = g.sizes[d]
-                inner = _modes.mode_gram(gamma, lam_other * beta, g.sizes, d, cols, n, n)
+                scaled = (beta.view(*g.sizes, cols) * g._lam_without(d).to(beta.dtype)[..., None]).view(-1, cols)
+                inner = _modes.mode_gram(gamma, scaled, g.sizes, d, cols, n, n)
                 grad_K[d] = grad_K[d] - g._P[d] @ inner @ g._P[d].t()
                 if g.diagonals is not None:
                     inner_d = _modes.mode_gram(gamma, beta, g.sizes, d, cols, n, n)
@@ -129,7 +129,7 @@ class _Solve(torch.autograd.Function):
             scale = grad_logdet.double()
             grad_noise = grad_noise + scale * inv_L.sum()
             for d in range(D):
-                w = _modes.mode_sum(g._lam_without(d) * inv_L, g.sizes, d)
+                w = g._contract_others(inv_L, d)
                 grad_K[d] = grad_K[d] + (scale * (g._P[d].double() * w) @ g._P[d].double().t()).to(beta.dtype)
                 if g.diagonals is not None:
                     w_d = _modes.mode_sum(inv_L, g.sizes, d)
@@ -286,9 +286,22 @@ class KroneckerGrid:
     # ---- eigenbasis helpers (used by _Solve) -------------------------------------------------------
 
     def _lam_without(self, d: int) -> Tensor:
-        """``lam_1 (x) .. 1 .. (x) lam_D`` (factor ``d`` replaced by ones), flat float64."""
-        vecs = [torch.ones_like(l) if e == d else l for e, l in enumerate(self._lams)]
-        return _outer_all(vecs)
+        """``lam_1 (x) .. 1 .. (x) lam_D`` (factor ``d`` left out), float64, shaped to broadcast
+        against the grid ``(n_1, ..., n_D)``: size 1 along axis ``d``, ``N / n_d`` values."""
+        out = torch.ones([1] * len(self.sizes), dtype=torch.float64, device=self.device)
+        for e, lam in enumerate(self._lams):
+            if e != d:
+                out = out * lam.view([-1 if a == e else 1 for a in range(len(self.sizes))])
+        return out
+
+    def _contract_others(self, z: Tensor, d: int) -> Tensor:
+        """``w[i] = sum`` over every axis but ``d`` of ``z[.., i, ..] * lam_{-d}``, ``z (N,)`` float64:
+        one vector contraction per other axis (last first), no grid-sized temporary."""
+        t = z.view(self.sizes)
+        for e in reversed(range(len(self.sizes))):
+            if e != d:
+                t = torch.tensordot(t, self._lams[e], dims=([e], [0]))
+        return t
 
     @property
     def _eigenvalues(self) -> Tensor:
