@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(
     reason="pyfast._C with AVX2 + FMA unavailable",
 )
 
-# Sizes 1, primes, a factor past the GEMM's 96-row block and 256-deep chunk (300), and grids whose
-# trailing block is one mode (3 x 200 x 200) or several.
-DENSE_SIZES = [(1,), (7,), (64,), (1, 1), (5, 3), (61, 13), (3, 17, 2), (2, 3, 4, 5), (300, 2), (1, 300)]
+# Sizes 1, primes, factors past the GEMM's 96-row block and 256-deep chunk (300, 600), and grids
+# whose trailing block is one mode (3 x 200 x 200) or several.
+DENSE_SIZES = [(1,), (7,), (64,), (1, 1), (5, 3), (61, 13), (3, 17, 2), (2, 3, 4, 5), (300, 2), (1, 300), (2, 600)]
 SPLIT_SIZES = [(3, 200, 200), (64, 64, 64), (300, 130)]
 # (rotate_in, power, rotate_out)
 MODES = [(True, -1.0, True), (True, -0.5, True), (True, -1.0, False), (True, None, False), (False, None, True)]
