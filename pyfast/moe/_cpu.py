@@ -260,7 +260,7 @@ def moe_mlp_bwd(
     dx = combine_rows(_expert_gemm(dh.to(x.dtype), w1, counts, offsets, True), row_of_assignment, None)
     g_sorted = gather_rows(grad_out, assignment_of_row, k, None)
     x_sorted = gather_rows(x, assignment_of_row, k, None)
-    aw = a * gate
+    aw = a.mul_(gate)  # a is fresh and dgate already read it
     segments = _segments(counts, offsets)
     dw1, dw2 = _expert_grads(w1.shape, w1.dtype, segments), _expert_grads(w2.shape, w2.dtype, segments)
     for e, start, end in segments:
