@@ -8,10 +8,6 @@
 
 #include "common/cpu_features.h"
 
-#ifdef PYFAST_X86
-#define PYFAST_QUANT_AVX2 1
-#endif
-
 namespace pyfast::cpu::quant {
 
 // The `Bits` bytes of one block of 8 codes as a little-endian word. (Whole-register loads and
@@ -49,7 +45,7 @@ struct ScalarDecoder {
 // Where input i (0..31) of a block of 32 sits in Avx2ByteDecoder4's output registers.
 inline int shuffled_position(int i) { return ((i % 16) / 4) * 8 + (i / 16) * 4 + i % 4; }
 
-#ifdef PYFAST_QUANT_AVX2
+#ifdef PYFAST_X86
 template <int Bits>
 struct Avx2Decoder;
 

@@ -47,7 +47,7 @@ void linear_tile_scalar(const float* x, std::int64_t K, const QuantWeight& w, st
   }
 }
 
-#ifdef PYFAST_QUANT_AVX2
+#ifdef PYFAST_X86
 // Few rows of x give few independent FMA chains: then two blocks of 8 codes go to two accumulator
 // sets, so the FMA latency (4-5 cycles) is not the bound.
 template <int Bits, int MB>
@@ -108,7 +108,7 @@ PYFAST_AVX2 void linear_row_avx2_bytes(const float* x, std::int64_t K, const Qua
 
 template <int Bits, int MB>
 TileFn tile_for() {
-#ifdef PYFAST_QUANT_AVX2
+#ifdef PYFAST_X86
   if (has_avx2()) return &linear_tile_avx2<Bits, MB>;
 #endif
   return &linear_tile_scalar<Bits, MB>;
@@ -149,7 +149,7 @@ decltype(auto) dispatch_activation(int tag, const char* what, F&& f) {
 // than the vperm lookups, which pay off only when shared by several rows of x).
 template <int Bits>
 bool use_byte_decoder(std::int64_t M, const QuantWeight& w) {
-#ifdef PYFAST_QUANT_AVX2
+#ifdef PYFAST_X86
   return Bits == 4 && M == 1 && w.group_size % 32 == 0 && has_avx2();
 #else
   return false;
@@ -167,7 +167,7 @@ void power_linear(const T* x, std::int64_t M, std::int64_t x_stride, const Quant
       xf[m * K + at] = to_acc(x[m * x_stride + k]);
     }
   }
-#ifdef PYFAST_QUANT_AVX2
+#ifdef PYFAST_X86
   std::vector<Avx2ByteDecoder4> decoders;
   if (bytes) {
     for (int e = 0; e < w.tables; ++e) decoders.emplace_back(w.table + (e << Bits));
@@ -180,7 +180,7 @@ PYFAST_OMP(omp parallel for schedule(dynamic, 1) if (blocks > 1))
   for (std::int64_t b = 0; b < blocks; ++b) {
     float out[kMaxRows];
     for (std::int64_t n = b * kColumnGrain; n < std::min(w.rows, (b + 1) * kColumnGrain); ++n) {
-#ifdef PYFAST_QUANT_AVX2
+#ifdef PYFAST_X86
       if (bytes) {
         linear_row_avx2_bytes(xf.data(), K, w, decoders.data(), n, out);
         y[n] = from_acc<T>(out[0]);
@@ -215,7 +215,7 @@ void dequantize_rows_scalar(const QuantWeight& w, std::int64_t n0, std::int64_t 
   for (std::int64_t n = n0; n < n1; ++n) dequantize_row<ScalarDecoder<Bits>, Bits>(w, n, out + n * w.cols);
 }
 
-#ifdef PYFAST_QUANT_AVX2
+#ifdef PYFAST_X86
 template <int Bits, typename T>
 PYFAST_AVX2 void dequantize_rows_avx2(const QuantWeight& w, std::int64_t n0, std::int64_t n1, T* out) {
   for (std::int64_t n = n0; n < n1; ++n) dequantize_row<Avx2StoringDecoder<Bits>, Bits>(w, n, out + n * w.cols);
@@ -241,7 +241,7 @@ void quant_dequantize(int dtype, const QuantWeight& w, void* out) {
       constexpr int Bits = decltype(bits)::value;
       T* o = static_cast<T*>(out);
       parallel_for(w.rows, kColumnGrain, [&](std::int64_t n0, std::int64_t n1) {
-#ifdef PYFAST_QUANT_AVX2
+#ifdef PYFAST_X86
         if (has_avx2()) return dequantize_rows_avx2<Bits, T>(w, n0, n1, o);
 #endif
         dequantize_rows_scalar<Bits, T>(w, n0, n1, o);
