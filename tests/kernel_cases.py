@@ -35,14 +35,23 @@ def _triton_case() -> KernelCase:
     return KernelCase("triton", torch.device("cpu"), (torch.float32, torch.float16), True)
 
 
+def _cuda_case() -> KernelCase:
+    if _ext.cuda is None:
+        pytest.fail(f"pyfast._cuda did not load: {_ext.cuda_error}")
+    return KernelCase("cuda", torch.device("cuda"), (torch.float32, torch.float16, torch.bfloat16), False)
+
+
 KERNEL_PARAMS = [
     pytest.param("cpu", id="cpu"),
     pytest.param("triton", id="triton", marks=pytest.mark.triton),
 ]
+# The CUDA C++ backend implements only some ops (the `cuda=` entries of their register_op calls):
+# the tests of those ops add this case to their `kernel` fixture.
+CUDA_PARAM = pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)
 
 
 def make_case(name: str) -> KernelCase:
-    return _cpu_case() if name == "cpu" else _triton_case()
+    return {"cpu": _cpu_case, "triton": _triton_case, "cuda": _cuda_case}[name]()
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

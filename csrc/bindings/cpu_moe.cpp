@@ -55,6 +55,17 @@ void register_moe(py::module_& m) {
                                         at<const std::int64_t>(row_of_assignment), tokens, k,
                                         at<void>(grad_weights));
         });
+  m.def("moe_router_lse_square_sum",
+        [](int dtype, Address logits, std::int64_t tokens, std::int64_t experts, std::int64_t stride) {
+          py::gil_scoped_release release;
+          return cpu::moe_router_lse_square_sum(dtype, at<const void>(logits), tokens, experts, stride);
+        });
+  m.def("moe_router_z_loss_bwd", [](int dtype, Address logits, std::int64_t tokens, std::int64_t experts,
+                                    std::int64_t stride, Address scale, Address grad_logits) {
+    py::gil_scoped_release release;
+    cpu::moe_router_z_loss_bwd(dtype, at<const void>(logits), tokens, experts, stride, at<const void>(scale),
+                               at<void>(grad_logits));
+  });
   m.def("moe_expert_gemm_available", &cpu::moe_expert_gemm_available);
   // Huge-page advice for a large fresh output that torch code fills (the expert weight gradients).
   m.def("moe_advise_huge_pages", [](Address data, std::size_t bytes) { advise_huge_pages(at<void>(data), bytes); });

@@ -20,4 +20,28 @@ inline bool has_avx2() {
 inline bool has_avx2() { return false; }
 #endif
 
+// Runs f() with its body compiled for AVX2 + FMA where this CPU has them: plain loops (exp_vec, row
+// reductions) then vectorize 8 floats wide with fused multiply-adds. f must be a lambda marked
+// PYFAST_INLINE, so that it is inlined into (and compiled with the target of) its caller.
+#define PYFAST_INLINE __attribute__((always_inline))
+#ifdef PYFAST_X86
+template <typename F>
+PYFAST_AVX2 void run_avx2(F& f) {
+  f();
+}
+template <typename F>
+void run_widest(F&& f) {
+  if (has_avx2()) {
+    run_avx2(f);
+  } else {
+    f();
+  }
+}
+#else
+template <typename F>
+void run_widest(F&& f) {
+  f();
+}
+#endif
+
 }  // namespace pyfast

@@ -1,8 +1,8 @@
 """The CPU backend of pyfast.moe: torch glue over the C++ kernels in ``pyfast._C`` (csrc/cpu/moe).
 
-Implements the kernel-backend contract that `ops.py` / `experts.py` dispatch to, except the aux losses
-(on the CPU torch's vectorized softmax beat a C++ kernel, so they run the reference). The expert
-GEMMs that produce rows are the C++ grouped GEMM (float32/16-bit on AVX2 CPUs; torch's BLAS per
+Implements the kernel-backend contract that `ops.py` / `experts.py` dispatch to, except the
+load-balancing loss (torch's softmax and mean beat a C++ pass there, so it runs the reference). The
+expert GEMMs that produce rows are the C++ grouped GEMM (float32/16-bit on AVX2 CPUs; torch's BLAS per
 expert otherwise), the expert weight gradients torch's BLAS per expert, the activations torch.
 Each function allocates the outputs and passes addresses, sizes, row strides and dtype tags.
 Inputs arrive validated, with a unit stride along the last axis and contiguous index tensors (see
@@ -105,6 +105,27 @@ def combine_weights_grad(grad_out: Tensor, y: Tensor, row_of_assignment: Tensor)
         row_of_assignment.data_ptr(), tokens, k, grad_weights.data_ptr(),
     )
     return grad_weights
+
+
+def router_z_loss_fwd(logits: Tensor) -> Tensor:
+    tokens, num_experts = logits.shape
+    if tokens == 0:
+        return torch.zeros((), dtype=compute_dtype(logits.dtype))
+    total = _ext.cpu.moe_router_lse_square_sum(_TAG[logits.dtype], logits.data_ptr(), tokens, num_experts, _row_stride(logits))
+    return torch.tensor(total / tokens, dtype=compute_dtype(logits.dtype))
+
+
+def router_z_loss_bwd(grad: Tensor, logits: Tensor) -> Tensor:
+    tokens, num_experts = logits.shape
+    grad_logits = _alloc.empty((tokens, num_experts), logits.dtype, logits.device)
+    if tokens == 0:
+        return grad_logits
+    scale = (grad.to(compute_dtype(logits.dtype)) * 2 / tokens).reshape(())
+    _ext.cpu.moe_router_z_loss_bwd(
+        _TAG[logits.dtype], logits.data_ptr(), tokens, num_experts, _row_stride(logits), scale.data_ptr(),
+        grad_logits.data_ptr(),
+    )
+    return grad_logits
 
 
 # --------------------------------------------------------------------------------------------------

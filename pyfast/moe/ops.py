@@ -38,7 +38,7 @@ register_op("moe.permute", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS)
 register_op("moe.unpermute", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS)
 # On the CPU torch's AVX-vectorized softmax beat a fused C++ loss kernel: the reference runs there.
 register_op("moe.load_balancing_loss", triton=_GPU_FLOATS)
-register_op("moe.router_z_loss", triton=_GPU_FLOATS)
+register_op("moe.router_z_loss", cpu=FLOAT_DTYPES, triton=_GPU_FLOATS)
 
 _KERNEL_MODULES = {"cpu": "pyfast.moe._cpu", "triton": "pyfast.triton_kernels.moe", "cuda": "pyfast.moe._cuda"}
 
@@ -75,8 +75,9 @@ def _check_finite_rows(fn: str, name: str, t: Tensor) -> None:
 
 def _check_expert_ids(fn: str, experts: Tensor, num_experts: int) -> None:
     if _eager_value_checks() and experts.numel():
-        bad = int(((experts < 0) | (experts >= num_experts)).sum())
-        if bad:
+        low, high = experts.aminmax()  # one pass; the count below only on failure
+        if low < 0 or high >= num_experts:
+            bad = int(((experts < 0) | (experts >= num_experts)).sum())
             raise ValueError(f"{fn}: experts must hold ids in [0, {num_experts}), got {bad} out of range")
 
 

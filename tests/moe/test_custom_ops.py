@@ -33,14 +33,14 @@ def sample_inputs(device, dtype, requires_grad, backend):
         (ops.moe_combine_rows, (y, rows, assignment, weights, backend)),
         (ops.moe_combine_rows, (y, rows, assignment, None, backend)),
         (ops.moe_combine_weights_grad, (plain(x), plain(y), rows, backend)),
+        (ops.moe_router_z_loss, (logits, backend)),
+        (ops.moe_router_z_loss_bwd, (torch.tensor(1.5, dtype=acc, device=device), plain(logits), backend)),
     ]
-    if backend == "cpu":  # the losses run the reference on the CPU
+    if backend == "cpu":  # the load-balancing loss runs the reference on the CPU
         return samples
     return samples + [
         (ops.moe_load_balancing_loss, (logits, experts, True, backend)),
         (ops.moe_load_balancing_loss_bwd, (torch.tensor(1.5, dtype=acc, device=device), plain(logits), experts, True, backend)),
-        (ops.moe_router_z_loss, (logits, backend)),
-        (ops.moe_router_z_loss_bwd, (torch.tensor(1.5, dtype=acc, device=device), plain(logits), backend)),
     ]
 
 
@@ -49,6 +49,13 @@ def test_opcheck(kernel, requires_grad):
     dtype = torch.float64 if torch.float64 in kernel.dtypes else torch.float32
     for op, args in sample_inputs(kernel.device, dtype, requires_grad, kernel.backend):
         torch.library.opcheck(op, args)
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_route():
+    experts = random_experts(11, 8, 3, torch.device("cuda"))
+    for capacity, align in ((0, 0), (2, 4)):
+        torch.library.opcheck(torch.ops.pyfast.moe_route, (experts, 8, capacity, align, "cuda"))
 
 
 def _routing_step(logits, x, temperature):

@@ -5,12 +5,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pyfast
+from kernel_cases import CUDA_PARAM, KERNEL_PARAMS, make_case
 from moe_inputs import random_experts
 from pyfast.moe import Routing, num_rows, reference
 
 SHAPES = [(0, 8, 2), (1, 1, 1), (7, 8, 2), (7, 60, 5), (1, 257, 1), (7, 257, 16), (4099, 8, 2), (4099, 60, 4), (4099, 257, 16)]
 SMALL_SHAPES = [s for s in SHAPES if s[0] * s[2] < 2000]
 LIMITS = [(None, None), (3, None), (None, 4), (2, 16), (1, 1), (1000000, 128)]
+
+
+@pytest.fixture(params=KERNEL_PARAMS + [CUDA_PARAM])
+def kernel(request):
+    """route also has a CUDA C++ kernel (pyfast._cuda)."""
+    return make_case(request.param)
 
 
 def assert_routing_equal(got: Routing, ref: Routing):

@@ -35,6 +35,13 @@ void moe_combine_weights_grad(int dtype, const void* grad_out, std::int64_t grad
                               std::int64_t y_stride, std::int64_t d, const std::int64_t* row_of_assignment,
                               std::int64_t tokens, int k, void* grad_weights_acc);
 
+// Router z-loss (router_z_loss.cpp): sum over tokens of logsumexp(logits_t)^2 in float64; the
+// backward writes scale * lse_t * softmax(logits_t) into grad_logits (contiguous).
+double moe_router_lse_square_sum(int dtype, const void* logits, std::int64_t tokens, std::int64_t experts,
+                                 std::int64_t stride);
+void moe_router_z_loss_bwd(int dtype, const void* logits, std::int64_t tokens, std::int64_t experts,
+                           std::int64_t stride, const void* scale_acc, void* grad_logits);
+
 // Grouped expert GEMM (expert_gemm.cpp): for each expert e and row r in
 // [offsets[e], offsets[e] + counts[e]): out[r][j] = sum_i A_r[i] * w[e * w_expert_stride + j * w_n_stride +
 // i * w_k_stride], j < n, i < depth; A_r = a[r] (row stride a_stride), or x[assignment_of_row[r] / k]
