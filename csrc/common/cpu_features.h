@@ -22,7 +22,8 @@ inline bool has_avx2() { return false; }
 
 // Runs f() with its body compiled for AVX2 + FMA where this CPU has them: plain loops (exp_vec, row
 // reductions) then vectorize 8 floats wide with fused multiply-adds. f must be a lambda marked
-// PYFAST_INLINE, so that it is inlined into (and compiled with the target of) its caller.
+// PYFAST_INLINE, and the helpers it calls inline ones, so that they are inlined into (and compiled
+// with the target of) run_avx2.
 #define PYFAST_INLINE __attribute__((always_inline))
 #ifdef PYFAST_X86
 template <typename F>

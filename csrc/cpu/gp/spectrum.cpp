@@ -31,10 +31,10 @@ std::vector<double> leading_products(const KronSpectrum& s) {
   return out;
 }
 
-// One row of the (N / n_D, n_D) view: row[j, b] *= (p * last[j] + noise)^power. Compiled twice
-// (baseline and AVX2, which vectorizes the division 4 wide); `scale` is n doubles of scratch.
+// One row of the (N / n_D, n_D) view: row[j, b] *= (p * last[j] + noise)^power. Inlined into
+// run_widest (AVX2 vectorizes the division 4 wide); `scale` is n doubles of scratch.
 template <typename T>
-[[gnu::always_inline]] inline void scale_row_body(T* row, std::int64_t cols, double p, const double* last, std::int64_t n,
+[[gnu::always_inline]] inline void scale_row(T* row, std::int64_t cols, double p, const double* last, std::int64_t n,
                                                   double noise, bool root, double* scale) {
   for (std::int64_t j = 0; j < n; ++j) scale[j] = p * last[j] + noise;
   if (root) {
@@ -49,20 +49,6 @@ template <typename T>
       for (std::int64_t b = 0; b < cols; ++b) row[j * cols + b] *= static_cast<T>(scale[j]);
   }
 }
-
-template <typename T>
-void scale_row(T* row, std::int64_t cols, double p, const double* last, std::int64_t n, double noise, bool root,
-               double* scale) {
-  scale_row_body(row, cols, p, last, n, noise, root, scale);
-}
-
-#ifdef PYFAST_X86
-template <typename T>
-PYFAST_AVX2 void scale_row_avx2(T* row, std::int64_t cols, double p, const double* last, std::int64_t n, double noise,
-                                bool root, double* scale) {
-  scale_row_body(row, cols, p, last, n, noise, root, scale);
-}
-#endif
 
 // Largest |log2 L| over the grid: L is multilinear in the factor eigenvalues, so its extremes lie
 // at products of per-factor extremes (2^D candidates).
@@ -129,8 +115,8 @@ class LogProduct {
 };
 
 // sum log L over `rows` rows with leading products lead[0..rows) (L: n doubles of scratch).
-// Compiled twice (baseline and AVX2).
-[[gnu::always_inline]] inline double log_chunk_body(const double* lead, std::int64_t rows, const double* last,
+// Inlined into run_widest.
+[[gnu::always_inline]] inline double log_chunk(const double* lead, std::int64_t rows, const double* last,
                                                    std::int64_t n, double noise, int block, double* L) {
   LogProduct product(block);
   double direct = 0.0;
@@ -147,18 +133,6 @@ class LogProduct {
   return direct + product.log();
 }
 
-double log_chunk(const double* lead, std::int64_t rows, const double* last, std::int64_t n, double noise, int block,
-                 double* L) {
-  return log_chunk_body(lead, rows, last, n, noise, block, L);
-}
-
-#ifdef PYFAST_X86
-PYFAST_AVX2 double log_chunk_avx2(const double* lead, std::int64_t rows, const double* last, std::int64_t n,
-                                  double noise, int block, double* L) {
-  return log_chunk_body(lead, rows, last, n, noise, block, L);
-}
-#endif
-
 }  // namespace
 
 SpectrumScaler::SpectrumScaler(const KronSpectrum& s, double power)
@@ -168,13 +142,11 @@ SpectrumScaler::SpectrumScaler(const KronSpectrum& s, double power)
 
 template <typename T>
 void SpectrumScaler::scale(T* z, std::int64_t first, std::int64_t count, std::int64_t cols) const {
-  auto row_fn = &scale_row<T>;
-#ifdef PYFAST_X86
-  if (has_avx2()) row_fn = &scale_row_avx2<T>;
-#endif
   std::vector<double> scratch(n_);
-  for (std::int64_t r = 0; r < count; ++r)
-    row_fn(z + r * n_ * cols, cols, lead_[first + r], last_, n_, noise_, root_, scratch.data());
+  run_widest([&]() PYFAST_INLINE {
+    for (std::int64_t r = 0; r < count; ++r)
+      scale_row(z + r * n_ * cols, cols, lead_[first + r], last_, n_, noise_, root_, scratch.data());
+  });
 }
 
 template void SpectrumScaler::scale<float>(float*, std::int64_t, std::int64_t, std::int64_t) const;
@@ -208,13 +180,9 @@ double gp_log_spectrum_sum(const KronSpectrum& s) {
   const std::int64_t rows = static_cast<std::int64_t>(lead.size());
   constexpr std::int64_t kChunkRows = 64;
   std::vector<double> chunk_sums((rows + kChunkRows - 1) / kChunkRows);
-  auto chunk_fn = &log_chunk;
-#ifdef PYFAST_X86
-  if (has_avx2()) chunk_fn = &log_chunk_avx2;
-#endif
   parallel_chunks(rows, kChunkRows, [&](std::int64_t c, std::int64_t r0, std::int64_t r1) {
     std::vector<double> L(n);
-    chunk_sums[c] = chunk_fn(lead.data() + r0, r1 - r0, last, n, s.noise, block, L.data());
+    run_widest([&]() PYFAST_INLINE { chunk_sums[c] = log_chunk(lead.data() + r0, r1 - r0, last, n, s.noise, block, L.data()); });
   });
   double total = 0.0;
   for (double v : chunk_sums) total += v;
