@@ -106,7 +106,7 @@ class _Solve(torch.autograd.Function):
         (beta,) = ctx.saved_tensors
         D = len(g.sizes)
         cols = beta.shape[1]
-        inv_L = g._inv_L
+        inv_L = 1.0 / g._eigenvalues
         grad_y = None
         grad_noise = torch.zeros((), dtype=torch.float64, device=beta.device)
         grad_K: List[Optional[Tensor]] = [torch.zeros_like(p) for p in g._P]
@@ -252,7 +252,7 @@ class KroneckerGrid:
         # The N eigenvalues L are materialized only where no kernel computes them on the fly.
         self._L: Optional[Tensor] = None
         self._spectra: Dict[str, object] = {}  # per kernel backend, see _spectrum
-        self._log_spectrum_sum: Optional[float] = None
+        self._log_spectrum_sum: Optional[Tensor] = None  # sum log L, float64
 
     def _check_spectrum(self, d: int, lam: Tensor) -> None:
         """No clamping: an indefinite factor (beyond rounding) is an error."""
@@ -309,10 +309,6 @@ class KroneckerGrid:
         if self._L is None:
             self._L = _outer_all(self._lams) + self._noise_value
         return self._L
-
-    @property
-    def _inv_L(self) -> Tensor:
-        return 1.0 / self._eigenvalues
 
     def _scale(self, z: Tensor, power: float) -> Tensor:
         """``z *= L^power`` in place (``z (N, B)``, a fresh tensor), power -1 or -1/2."""
@@ -372,15 +368,16 @@ class KroneckerGrid:
         return _modes.kron_apply(self._P, beta, self.sizes, beta.shape[1], apply=self._apply, consume=consume)
 
     def _logdet_value(self) -> Tensor:
-        backend = _spectrum_backend(self._P[0])
-        if backend == "cpu":
-            if self._log_spectrum_sum is None:  # solve() and logdet() both need it: computed once
-                self._log_spectrum_sum = _ext.cpu.gp_log_spectrum_sum(*self._spectrum("cpu"), self._noise_value)
-            ld = torch.tensor(self._log_spectrum_sum, dtype=torch.float64)
-        elif backend == "triton":
-            ld = _triton().log_spectrum_sum(self._spectrum("triton"), self._noise_value)
-        else:
-            ld = torch.log(self._eigenvalues).sum()
+        if self._log_spectrum_sum is None:  # solve() and logdet() both need it: computed once per grid
+            backend = _spectrum_backend(self._P[0])
+            if backend == "cpu":
+                total = _ext.cpu.gp_log_spectrum_sum(*self._spectrum("cpu"), self._noise_value)
+                self._log_spectrum_sum = torch.tensor(total, dtype=torch.float64)
+            elif backend == "triton":
+                self._log_spectrum_sum = _triton().log_spectrum_sum(self._spectrum("triton"), self._noise_value)
+            else:
+                self._log_spectrum_sum = torch.log(self._eigenvalues).sum()
+        ld = self._log_spectrum_sum.clone()  # a fresh scalar: autograd claims the returned tensor
         if self.diagonals is not None:
             N = self.num_points
             for d, v in zip(self.sizes, self.diagonals):

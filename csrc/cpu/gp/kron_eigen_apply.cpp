@@ -11,6 +11,7 @@
 // the scaling) and allocates nothing grid-sized besides `out`. The GEMMs run on the register tile
 // of common/gemm_tile.h.
 #include <algorithm>
+#include <optional>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -250,14 +251,14 @@ void gp_kron_eigen_apply(int dtype, const void* x, void* out, std::int64_t cols,
     if (sizes[d] < 1) throw std::invalid_argument("gp_kron_eigen_apply: every grid size must be >= 1");
   if (cols == 0) return;
 #ifdef PYFAST_X86
-  const std::vector<SpectrumScaler> scaler =
-      spectrum == nullptr ? std::vector<SpectrumScaler>{} : std::vector<SpectrumScaler>{SpectrumScaler(*spectrum, power)};
+  std::optional<SpectrumScaler> scaler;
+  if (spectrum != nullptr) scaler.emplace(*spectrum, power);
   dispatch_float(dtype, "gp_kron_eigen_apply", [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       const EigenApply<T> plan{static_cast<const T*>(x), static_cast<T*>(out), cols, D, sizes,
                                reinterpret_cast<const T* const*>(q), reinterpret_cast<const T* const*>(qt),
-                               rotate_in, rotate_out, scaler.empty() ? nullptr : scaler.data()};
+                               rotate_in, rotate_out, scaler ? &*scaler : nullptr};
       plan.run();
     } else {
       throw std::invalid_argument("gp_kron_eigen_apply: x must be float32 or float64");
