@@ -9,6 +9,9 @@ Options (each also read from an environment variable, which is how `pyfast bench
   --bench-device / PYFAST_BENCH_DEVICE   ``cuda`` or ``cpu``; default cuda when available
 Markers: ``large`` (skipped by --quick), ``cpu_only`` (deselected on CUDA).
 
+torch._dynamo is imported up front: torch imports it on the first custom-op call of a process
+(1-2 s), which made the first pyfast provider of a run look slow and get timed once.
+
 The `measure` fixture runs a workload: one untimed call (warm-up; its output is checked when the
 test passes ``check``), a second untimed call that sizes the number of rounds (skipped for slow
 CPU calls), then ``benchmark.pedantic`` rounds of one call each, as many as fit the time budget
@@ -24,6 +27,7 @@ from typing import Callable, Dict, Optional
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (see the module docstring)
 
 # (budget seconds per benchmark, min rounds, max rounds)
 ROUNDS = {
