@@ -61,6 +61,22 @@ def test_router_z_loss(kernel):
             assert_close(g, ref_g, dtype, what + " grad")
 
 
+def test_router_z_loss_row_strided(kernel):
+    """Rows further apart than E (a column slice of wider logits) are read in place."""
+    wide = 3 * torch.randn(37, 41, dtype=torch.float64)
+    for dtype in kernel.dtypes:
+        lg = wide.to(dtype).to(kernel.device)[:, 3:32].requires_grad_()
+        assert lg.stride(0) == 41
+        with pyfast.use_backend(kernel.backend):
+            loss = pyfast.moe.router_z_loss(lg)
+            (g,) = torch.autograd.grad(loss, lg)
+        ref_lg = wide[:, 3:32].to(dtype).double().requires_grad_()
+        ref = reference.router_z_loss(ref_lg)
+        (ref_g,) = torch.autograd.grad(ref, ref_lg)
+        assert_close(loss, ref, torch.float32 if dtype != torch.float64 else dtype, f"{dtype}")
+        assert_close(g, ref_g, dtype, f"{dtype} grad")
+
+
 def test_uniform_routing_gives_unit_balance_loss():
     T, E, k = 64, 8, 2
     experts = torch.stack([torch.arange(T) % E, (torch.arange(T) + 1) % E], dim=1)
